@@ -1,0 +1,3 @@
+"""privacy-relay: an SMTP relay that keeps recipients' addresses private."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""The privacy-relay command: argument parsing and output only; the work is done elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from collections.abc import Sequence
+from email.utils import formatdate
+from pathlib import Path
+
+from relay import __version__
+from relay.addresses import parse_address_list
+from relay.config import Config, ConfigError, load_config
+from relay.errors import SmtpReply
+from relay.forwarder import probe_upstream
+from relay.logs import configure_logging
+from relay.message import parse_message
+from relay.pipeline import PrivacyCheckFailed, prepare
+from relay.policy import Envelope
+from relay.rewrite import TraceInfo
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privacy-relay",
+        description="A local SMTP relay that stops mail from exposing recipients to each other.",
+    )
+    parser.add_argument("--version", action="version", version=f"privacy-relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help="YAML config file (default: ./config/relay.yaml if it exists, else built-in defaults)",
+        )
+
+    serve = commands.add_parser("serve", help="run the relay", description="Run the relay.")
+    config_option(serve)
+    check = commands.add_parser(
+        "check",
+        help="validate the config and test the upstream login",
+        description="Validate the config and, if an upstream is set, connect to it (TLS, EHLO, AUTH, "
+        "QUIT) without sending mail.",
+    )
+    config_option(check)
+    preview = commands.add_parser(
+        "preview",
+        help="show what the relay would do with a message",
+        description="Print the policy decision and the headers of every copy that would be sent. "
+        "Touches no network.",
+    )
+    preview.add_argument("file", type=Path, metavar="FILE.eml", help="the message to look at")
+    config_option(preview)
+    preview.add_argument("--mail-from", metavar="ADDR", help="envelope sender (default: From)")
+    preview.add_argument(
+        "--rcpt",
+        metavar="ADDR",
+        action="append",
+        help="envelope recipient, repeatable (default: the addresses in To, Cc and Bcc)",
+    )
+    return parser
+
+
+def _serve(config: Config) -> int:
+    from relay.server import run
+
+    configure_logging(config.logging)
+    return run(config)
+
+
+def _check(config: Config, source: str) -> int:
+    print(f"config: OK ({source})")
+    if config.uses_outbox:
+        print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
+        return 0
+    password = config.upstream_password.get_secret_value() if config.upstream_password else None
+    steps = asyncio.run(probe_upstream(config.upstream, password, socket.gethostname()))
+    for step in steps:
+        print(f"{step.step}: {'OK' if step.ok else 'FAILED'}: {step.detail}")
+    ok = all(step.ok for step in steps)
+    print("upstream: ready" if ok else "upstream: NOT ready, see above")
+    return 0 if ok else 1
+
+
+def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str] | None) -> int:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        print(f"cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        message = parse_message(data)
+    except SmtpReply as refusal:
+        print(f"decision: refused\nreply:    {refusal.render()}")
+        return 0
+    if mail_from is None:
+        senders = parse_address_list(message.first_value("from") or "")
+        mail_from = senders[0].address if senders else ""
+    if not rcpts:
+        rcpts = [
+            mailbox.address
+            for field in message.fields
+            if field.key in ("to", "cc", "bcc")
+            for mailbox in parse_address_list(field.value)
+        ]
+    hostname = socket.gethostname()
+    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
+    envelope = Envelope(mail_from, tuple(rcpts))
+    print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
+    try:
+        prepared = prepare(envelope, data, config.policy, trace, f"<preview@{hostname}>")
+    except PrivacyCheckFailed as failure:
+        print(f"decision: refused by the privacy check (header {failure.leak.field})")
+        print(f"reply:    {failure.render()}")
+        return 0
+    except SmtpReply as refusal:
+        print(f"decision: refused\nreply:    {refusal.render()}")
+        return 0
+    decision = prepared.decision
+    print(f"decision: {decision.action.value}\nreason:   {decision.reason}")
+    print(f"copies:   {len(prepared.copies)}")
+    for number, copy in enumerate(prepared.copies, 1):
+        print(f"\n--- copy {number} of {len(prepared.copies)} ({copy.kind}) to: {', '.join(copy.recipients)}")
+        sys.stdout.write(copy.headers.decode("utf-8", errors="replace"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"privacy-relay: {exc}", file=sys.stderr)
+        return 2
+    source = str(args.config) if args.config else "built-in defaults or ./config/relay.yaml"
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "check":
+        return _check(config, source)
+    return _preview(config, args.file, args.mail_from, args.rcpt)

@@ -1,0 +1,252 @@
+"""The configuration model: YAML file + RELAY_* environment variables, validated once at start-up.
+
+Every key has a safe default, so the relay runs with no file at all (copies land in ./outbox).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "RELAY_"
+PASSWORD_ENV = "RELAY_UPSTREAM_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
+DEFAULT_CONFIG_PATH = Path("config/relay.yaml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1025, ge=0, le=65535)
+    max_message_size: int = Field(default=52_428_800, ge=1024)
+    max_recipients: int = Field(default=1000, ge=1)
+    allowed_networks: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _networks_parse(self) -> ListenConfig:
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allowed_networks: {network!r} is not a CIDR network") from exc
+        return self
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
+
+
+class UpstreamConfig(_Section):
+    host: str | None = None
+    port: int = Field(default=587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    max_connections: int = Field(default=4, ge=1, le=100)
+    timeout: float = Field(default=60, gt=0)
+
+
+class DeliveryConfig(_Section):
+    mode: Literal["direct"] = "direct"
+
+
+class PolicyConfig(_Section):
+    action: Literal["split", "bcc", "reject", "pass"] = "split"
+    min_recipients: int = Field(default=2, ge=2)
+    internal_domains: tuple[str, ...] = ()
+    always_visible: tuple[str, ...] = ()
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+    show_addresses: bool = False
+
+
+class Config(_Section):
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    outbox: Path = Path("./outbox")
+    delivery: DeliveryConfig = DeliveryConfig()
+    policy: PolicyConfig = PolicyConfig()
+    logging: LoggingConfig = LoggingConfig()
+    # Not a YAML key: read from upstream.password_file or RELAY_UPSTREAM_PASSWORD.
+    upstream_password: SecretStr | None = Field(default=None, exclude=True)
+
+    @property
+    def uses_outbox(self) -> bool:
+        return self.upstream.host is None
+
+
+def _env_names(model: type[BaseModel], prefix: str, path: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Map every RELAY_* variable name to the key path it sets, derived from the model itself."""
+    names: dict[str, tuple[str, ...]] = {}
+    for field_name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        key_path = (*path, field_name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.update(_env_names(annotation, f"{prefix}{field_name.upper()}_", key_path))
+        else:
+            names[f"{prefix}{field_name.upper()}"] = key_path
+    return names
+
+
+ENV_KEYS: dict[str, tuple[str, ...]] = _env_names(Config, ENV_PREFIX, ())
+
+
+def _is_list_field(key_path: tuple[str, ...]) -> bool:
+    model: type[BaseModel] = Config
+    for part in key_path[:-1]:
+        annotation = model.model_fields[part].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation
+    annotation = model.model_fields[key_path[-1]].annotation
+    return get_origin(annotation) is tuple or tuple in get_args(annotation)
+
+
+def _env_value(key_path: tuple[str, ...], raw: str) -> Any:
+    if _is_list_field(key_path):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if raw.strip().lower() in ("", "null", "none"):
+        return None
+    return raw
+
+
+def _set_path(tree: dict[str, Any], key_path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in key_path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[key_path[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (listen, upstream, ...)")
+    return data
+
+
+def _describe_errors(exc: ValidationError, source: str, env_set: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        key_path = tuple(str(part) for part in error["loc"])
+        key = ".".join(key_path) or "(top level)"
+        where = source
+        for env_path, env_name in env_set.items():
+            if key_path[: len(env_path)] == env_path:
+                where = f"the environment variable {env_name}"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+        lines.append(f"  {key}: {message}{shown} — in {where}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _read_password(data: Config) -> SecretStr | None:
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env:
+        return SecretStr(from_env)
+    if data.upstream.password_file is None:
+        return None
+    try:
+        text = data.upstream.password_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"upstream.password_file: cannot read {data.upstream.password_file}: {exc.strerror}"
+        ) from exc
+    return SecretStr(text.strip("\r\n"))
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config: explicit file, else ./config/relay.yaml if present, else defaults; then env."""
+    environ = os.environ if environ is None else environ
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    tree: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "the built-in defaults"
+
+    unknown = sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX) and name not in ENV_KEYS and name != PASSWORD_ENV
+    )
+    if unknown:
+        raise ConfigError(
+            "unknown environment variable(s): "
+            + ", ".join(unknown)
+            + " (names are RELAY_<SECTION>_<KEY>, e.g. RELAY_UPSTREAM_HOST)"
+        )
+    env_set: dict[tuple[str, ...], str] = {}
+    for name, key_path in ENV_KEYS.items():
+        if name in environ:
+            _set_path(tree, key_path, _env_value(key_path, environ[name]))
+            env_set[key_path] = name
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, source, env_set)) from None
+    if config.upstream.password_file is not None or environ.get(PASSWORD_ENV):
+        config = config.model_copy(update={"upstream_password": _read_password(config)})
+    if config.upstream.username and config.upstream_password is None:
+        raise ConfigError(
+            "upstream.username is set but there is no password: set upstream.password_file "
+            f"or the environment variable {PASSWORD_ENV}"
+        )
+    check_listen_safety(config.listen)
+    return config
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address the host name resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def check_listen_safety(listen: ListenConfig) -> None:
+    """Refuse to become an open relay: a non-loopback bind needs allowed_networks."""
+    if not listen.allowed_networks and not is_loopback_host(listen.host):
+        raise ConfigError(
+            f"listen.host is {listen.host!r}, which other machines can reach, but "
+            "listen.allowed_networks is empty. That would make an open relay anyone could use "
+            "to send mail in your name. Set listen.allowed_networks (for example "
+            "[192.168.1.0/24], or RELAY_LISTEN_ALLOWED_NETWORKS=172.16.0.0/12 in a container), "
+            "or listen on 127.0.0.1."
+        )

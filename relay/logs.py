@@ -1,0 +1,60 @@
+"""structlog set-up: events with key-value context, addresses masked unless the config allows them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from relay.config import LoggingConfig
+
+# Event keys whose values are email addresses (a string or a list of them).
+ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked"})
+
+
+def mask_address(address: str) -> str:
+    """j***@example.com: enough to tell messages apart, not enough to harvest addresses."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def _mask_processor(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in ADDRESS_KEYS & event.keys():
+        value = event[key]
+        if isinstance(value, str):
+            event[key] = mask_address(value)
+        elif isinstance(value, list | tuple):
+            event[key] = [mask_address(v) if isinstance(v, str) else v for v in value]
+    return event
+
+
+def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    use_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not config.show_addresses:
+        processors.append(_mask_processor)
+    processors.append(
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[config.level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # aiosmtpd logs every envelope address at INFO level: keep its chatter out of our logs.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

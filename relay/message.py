@@ -1,0 +1,133 @@
+"""Splitting a message's bytes into header fields and a body, keeping every byte as it came.
+
+Pure: no I/O. The body is sliced out once and shared by every outgoing copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relay.errors import SmtpReply
+
+MAX_HEADER_BYTES = 1_048_576
+# RFC 5322 field-name: printable US-ASCII except colon.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One header field exactly as received: name, colon, value and folded lines with their endings."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    @property
+    def value(self) -> str:
+        """The unfolded value, decoded as UTF-8 with undecodable bytes kept as surrogates."""
+        raw_value = self.raw.split(b":", 1)[1]
+        unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", raw_value).rstrip(b"\r\n")
+        return unfolded.decode("utf-8", errors="surrogateescape").strip()
+
+    @property
+    def is_8bit(self) -> bool:
+        return any(byte >= 0x80 for byte in self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessage:
+    fields: tuple[HeaderField, ...]
+    body: bytes
+    line_ending: bytes
+    # True when the header section ended at a line that is not a header field instead of at a
+    # blank line; the blank line is put back when the message is written out.
+    missing_blank_line: bool = False
+
+    def get_all(self, name: str) -> list[HeaderField]:
+        key = name.lower()
+        return [f for f in self.fields if f.key == key]
+
+    def first_value(self, name: str) -> str | None:
+        found = self.get_all(name)
+        return found[0].value if found else None
+
+
+def _malformed(text: str) -> SmtpReply:
+    return SmtpReply(550, "5.6.0", text)
+
+
+def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> ParsedMessage:
+    """Split data into header fields and body. Refuses, as an SmtpReply, what cannot be parsed safely."""
+    first_newline = data.find(b"\n")
+    line_ending = b"\r\n" if first_newline > 0 and data[first_newline - 1] == 0x0D else b"\n"
+    fields: list[HeaderField] = []
+    current_name: str | None = None
+    current_start = 0
+    position = 0
+    body_start = len(data)
+    missing_blank_line = False
+    # An mbox "From " separator line some scripts leave at the top carries no header.
+    if data.startswith(b"From "):
+        position = first_newline + 1 if first_newline >= 0 else len(data)
+        current_start = position
+
+    last_field_end = len(data)
+    while position < len(data):
+        newline = data.find(b"\n", position)
+        line_end = len(data) if newline < 0 else newline + 1
+        line = data[position:line_end]
+        if position > max_header_bytes:
+            raise SmtpReply(
+                552,
+                "5.3.4",
+                f"the header section is larger than {max_header_bytes} bytes; "
+                "this relay refuses it rather than risk missing an address in it",
+            )
+        if line in (b"\r\n", b"\n"):
+            last_field_end, body_start = position, line_end
+            break
+        if b"\x00" in line:
+            raise _malformed(f"header line {len(fields) + 1} contains a NUL byte; fix the sending program")
+        if _BARE_CR.search(line.rstrip(b"\r\n")):
+            raise _malformed(
+                f"header line {len(fields) + 1} contains a bare carriage return; fix the sending program"
+            )
+        if line[:1] in (b" ", b"\t"):
+            if current_name is None:
+                raise _malformed("the message starts with a folded line instead of a header field")
+            position = line_end
+            continue
+        colon = line.find(b":")
+        name = line[:colon].rstrip(b" \t") if colon > 0 else b""
+        if not _FIELD_NAME.fullmatch(name):
+            # Like Postfix: the first line that is not a header field starts the body.
+            last_field_end = body_start = position
+            missing_blank_line = True
+            break
+        if current_name is not None:
+            fields.append(HeaderField(current_name, data[current_start:position]))
+        current_name = name.decode("ascii")
+        current_start = position
+        position = line_end
+
+    if current_name is not None:
+        raw = data[current_start:last_field_end]
+        if not raw.endswith(b"\n"):
+            raw += line_ending
+        fields.append(HeaderField(current_name, raw))
+    return ParsedMessage(
+        fields=tuple(fields),
+        body=data[body_start:],
+        line_ending=line_ending,
+        missing_blank_line=missing_blank_line,
+    )
+
+
+def serialize(fields: list[bytes] | tuple[bytes, ...], line_ending: bytes) -> bytes:
+    """The header section of an outgoing copy, ending in the blank line before the body."""
+    return b"".join(fields) + line_ending

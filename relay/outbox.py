@@ -1,0 +1,45 @@
+"""The embedded default upstream: each copy becomes an .eml file in the outbox folder.
+
+Files are written atomically (temporary name, fsync, rename), so a reader never sees half a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from relay.rewrite import OutgoingCopy
+
+
+def write_atomically(path: Path, parts: tuple[bytes, ...]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        for part in parts:
+            handle.write(part)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class Outbox:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def label(self) -> str:
+        return f"outbox folder {self.folder.resolve()}"
+
+    async def write(self, queue_id: str, index: int, copy: OutgoingCopy) -> Path:
+        path = self.folder / f"{queue_id}-{index:04d}.eml"
+        await asyncio.to_thread(self._write, path, copy)
+        return path
+
+    def _write(self, path: Path, copy: OutgoingCopy) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, (copy.headers, copy.body))
