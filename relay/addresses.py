@@ -22,9 +22,7 @@ _UTF8_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _UTF8_LABEL = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
 _ADDRESS_LITERAL = r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
-_ASCII_MAILBOX = re.compile(
-    rf"(?:{_ATEXT}+(?:\.{_ATEXT}+)*|{_QUOTED})@(?:{_LABEL}(?:\.{_LABEL})*|{_ADDRESS_LITERAL})"
-)
+_ASCII_MAILBOX = re.compile(rf"(?:{_ATEXT}+(?:\.{_ATEXT}+)*|{_QUOTED})@(?:{_LABEL}(?:\.{_LABEL})*|{_ADDRESS_LITERAL})")
 _UTF8_MAILBOX = re.compile(
     rf"(?:{_UTF8_ATEXT}+(?:\.{_UTF8_ATEXT}+)*|{_UTF8_QUOTED})@"
     rf"(?:{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*|{_ADDRESS_LITERAL})"
@@ -85,7 +83,7 @@ def parse_address_list(value: str) -> list[Mailbox]:
     """Every mailbox in an address-list header value, groups flattened; unparseable parts are skipped."""
     header = default_policy.header_factory("to", value)
     mailboxes: list[Mailbox] = []
-    for group in header.groups:  # type: ignore[attr-defined]
+    for group in header.groups:
         for address in group.addresses:
             if not address.username or not address.domain:
                 continue

@@ -50,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     preview = commands.add_parser(
         "preview",
         help="show what the relay would do with a message",
-        description="Print the policy decision and the headers of every copy that would be sent. "
-        "Touches no network.",
+        description="Print the policy decision and the headers of every copy that would be sent. Touches no network.",
     )
     preview.add_argument("file", type=Path, metavar="FILE.eml", help="the message to look at")
     config_option(preview)

@@ -181,9 +181,7 @@ def _read_password(data: Config) -> SecretStr | None:
     try:
         text = data.upstream.password_file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            f"upstream.password_file: cannot read {data.upstream.password_file}: {exc.strerror}"
-        ) from exc
+        raise ConfigError(f"upstream.password_file: cannot read {data.upstream.password_file}: {exc.strerror}") from exc
     return SecretStr(text.strip("\r\n"))
 
 
@@ -196,9 +194,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     source = str(path) if path is not None else "the built-in defaults"
 
     unknown = sorted(
-        name
-        for name in environ
-        if name.startswith(ENV_PREFIX) and name not in ENV_KEYS and name != PASSWORD_ENV
+        name for name in environ if name.startswith(ENV_PREFIX) and name not in ENV_KEYS and name != PASSWORD_ENV
     )
     if unknown:
         raise ConfigError(

@@ -139,7 +139,7 @@ class DirectDelivery:
                     continue
                 try:
                     outcome = await destination.send_copy(queue_id, index, mail_from, copy, smtputf8)
-                except Exception as exc:  # noqa: BLE001 (every failure becomes a reply)
+                except Exception as exc:
                     reply = reply_for_exception(exc, destination.label)
                     # The destination is down or refuses us: don't try it once per copy.
                     unreachable = reply

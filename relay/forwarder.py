@@ -148,9 +148,7 @@ class ProbeStep:
     detail: str
 
 
-async def probe_upstream(
-    config: UpstreamConfig, password: str | None, local_hostname: str
-) -> list[ProbeStep]:
+async def probe_upstream(config: UpstreamConfig, password: str | None, local_hostname: str) -> list[ProbeStep]:
     """Connect, EHLO, TLS and AUTH one step at a time, sending no mail; what worked and what did not."""
     assert config.host is not None
     tls_context = build_tls_context(config) if config.tls != "none" else None
@@ -183,7 +181,7 @@ async def probe_upstream(
             await client.login(config.username, password or "")
             steps.append(ProbeStep(current, True, f"logged in as {config.username}"))
         await client.quit()
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         steps.append(ProbeStep(current, False, " ".join(str(exc).split()) or type(exc).__name__))
         client.close()
     return steps

@@ -99,9 +99,7 @@ def find_leak(header_bytes: bytes, hidden: frozenset[str]) -> Leak | None:
     if not hidden:
         return None
     unusual = {
-        key: {key, ascii_domain_form(key)}
-        for key in hidden
-        if not _PLAIN_LOCAL.fullmatch(key.rpartition("@")[0])
+        key: {key, ascii_domain_form(key)} for key in hidden if not _PLAIN_LOCAL.fullmatch(key.rpartition("@")[0])
     }
     for name, value in _fields(header_bytes):
         for form in _spellings(value):

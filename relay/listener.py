@@ -60,7 +60,12 @@ class RelayHandler:
         self.log = structlog.get_logger("relay")
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         # aiosmtpd reads pipelined commands correctly but does not say so (RFC 2920).
@@ -102,7 +107,10 @@ class RelayHandler:
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         log = self.log.bind(id=queue_id, client=session.peer[0] if session.peer else None)
         log.info(
-            "message.accepted", size=len(data), mail_from=mail_from, recipients=len(envelope.rcpt_tos)
+            "message.accepted",
+            size=len(data),
+            mail_from=mail_from,
+            recipients=len(envelope.rcpt_tos),
         )
         trace = TraceInfo(
             helo=session.host_name or "unknown",
@@ -153,7 +161,7 @@ class RelayHandler:
         return reply
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """aiosmtpd's SMTP, refusing connections from outside listen.allowed_networks."""
 
     # Postfix accepts long lines too; many scripts send HTML on one line.
@@ -170,8 +178,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             structlog.get_logger("relay").warning("connection.refused", client=peer[0] if peer else None)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(
-                b"554 5.7.1 This relay does not accept mail from your address "
-                b"(not in listen.allowed_networks)\r\n"
+                b"554 5.7.1 This relay does not accept mail from your address (not in listen.allowed_networks)\r\n"
             )
             transport.close()
             self._refused = True

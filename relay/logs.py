@@ -23,9 +23,7 @@ def mask_address(address: str) -> str:
     return f"{local[:1]}***@{domain}"
 
 
-def _mask_processor(
-    _logger: Any, _method: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def _mask_processor(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in ADDRESS_KEYS & event.keys():
         value = event[key]
         if isinstance(value, str):
@@ -45,14 +43,10 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
     ]
     if not config.show_addresses:
         processors.append(_mask_processor)
-    processors.append(
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    processors.append(structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[config.level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[config.level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )

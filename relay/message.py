@@ -94,9 +94,7 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
         if b"\x00" in line:
             raise _malformed(f"header line {len(fields) + 1} contains a NUL byte; fix the sending program")
         if _BARE_CR.search(line.rstrip(b"\r\n")):
-            raise _malformed(
-                f"header line {len(fields) + 1} contains a bare carriage return; fix the sending program"
-            )
+            raise _malformed(f"header line {len(fields) + 1} contains a bare carriage return; fix the sending program")
         if line[:1] in (b" ", b"\t"):
             if current_name is None:
                 raise _malformed("the message starts with a folded line instead of a header field")

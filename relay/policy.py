@@ -24,7 +24,7 @@ class Action(StrEnum):
     SPLIT = "split"
     BCC = "bcc"
     REJECT = "reject"
-    PASS = "pass"  # exposed, sent as written on purpose (audit only)
+    PASS = "pass"  # noqa: S105 (exposed, sent as written on purpose: audit only)
     UNCHANGED = "unchanged"  # nothing to protect
 
 
@@ -103,22 +103,14 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     recipients = _dedupe(envelope.rcpt_tos)
 
     def is_protected(key: str) -> bool:
-        return (
-            key not in sender_keys
-            and key not in always_visible_keys
-            and not _is_internal(key, internal_domains)
-        )
+        return key not in sender_keys and key not in always_visible_keys and not _is_internal(key, internal_domains)
 
     candidate_keys = {normalize_address(r) for r in recipients} | {m.key for _, m in visible}
     protected = frozenset(k for k in candidate_keys if is_protected(k))
     visible_protected = {m.key for _, m in visible if m.key in protected}
-    exposed_fields = tuple(
-        dict.fromkeys(_field_label(name) for name, m in visible if m.key in protected)
-    )
+    exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, m in visible if m.key in protected))
     exposes = any(visible_protected - {normalize_address(r)} for r in recipients)
-    always_visible = tuple(
-        (name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc")
-    )
+    always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))
 
     everyone = (CopyPlan(tuple(recipients), "original"),)
     if not exposes or len(protected) < config.min_recipients:
@@ -143,9 +135,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
             f"other in {where}. Put the recipients in Bcc instead (and yourself in To), "
             "then send it again.",
         )
-        return Decision(
-            Action.REJECT, reason, (), protected, exposed_fields, always_visible, rejection
-        )
+        return Decision(Action.REJECT, reason, (), protected, exposed_fields, always_visible, rejection)
 
     unprotected = tuple(r for r in recipients if normalize_address(r) not in protected)
     protected_recipients = [r for r in recipients if normalize_address(r) in protected]
@@ -159,9 +149,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     else:
         shown_by_key: dict[str, Mailbox] = {}
         for _, mailbox in visible:
-            if mailbox.key not in shown_by_key or (
-                mailbox.display_name and not shown_by_key[mailbox.key].display_name
-            ):
+            if mailbox.key not in shown_by_key or (mailbox.display_name and not shown_by_key[mailbox.key].display_name):
                 shown_by_key[mailbox.key] = mailbox
         for recipient in protected_recipients:
             key = normalize_address(recipient)

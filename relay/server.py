@@ -97,7 +97,9 @@ async def serve(config: Config) -> int:
 def run(config: Config) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
-            "relay.internal_error", message=context.get("message"), error=repr(context.get("exception"))
+            "relay.internal_error",
+            message=context.get("message"),
+            error=repr(context.get("exception")),
         )
 
     async def main() -> int:
