@@ -123,7 +123,7 @@ def _is_list_field(key_path: tuple[str, ...]) -> bool:
 def _env_value(key_path: tuple[str, ...], raw: str) -> Any:
     if _is_list_field(key_path):
         return [item.strip() for item in raw.split(",") if item.strip()]
-    if raw.strip().lower() in ("", "null", "none"):
+    if raw.strip().lower() in ("", "null"):
         return None
     return raw
 
@@ -172,8 +172,8 @@ def _describe_errors(exc: ValidationError, source: str, env_set: Mapping[tuple[s
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def _read_password(data: Config) -> SecretStr | None:
-    from_env = os.environ.get(PASSWORD_ENV)
+def _read_password(data: Config, environ: Mapping[str, str]) -> SecretStr | None:
+    from_env = environ.get(PASSWORD_ENV)
     if from_env:
         return SecretStr(from_env)
     if data.upstream.password_file is None:
@@ -212,7 +212,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, source, env_set)) from None
     if config.upstream.password_file is not None or environ.get(PASSWORD_ENV):
-        config = config.model_copy(update={"upstream_password": _read_password(config)})
+        config = config.model_copy(update={"upstream_password": _read_password(config, environ)})
     if config.upstream.username and config.upstream_password is None:
         raise ConfigError(
             "upstream.username is set but there is no password: set upstream.password_file "

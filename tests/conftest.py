@@ -1,0 +1,222 @@
+"""Shared fixtures: real SMTP servers on free loopback ports, each on its own event loop thread.
+
+- `upstream`: an aiosmtpd server that records every transaction and answers as a test tells it to.
+- `start_relay(**settings)`: a privacy-relay RelayServer with the given config, delivering to the
+  upstream or to an outbox folder.
+Tests then talk to them with smtplib, as a real client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config import Config, load_config
+from relay.server import RelayServer
+
+LOOPBACK = "127.0.0.1"
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread, for servers that tests reach over TCP."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class RecordingHandler:
+    """An upstream that records what it accepted. Tests set the replies it gives."""
+
+    messages: list[Received] = field(default_factory=list)
+    # RCPT address (lower case) -> reply, e.g. {"bad@x.test": "550 5.1.1 No such user"}
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_reply: str | None = None
+    data_reply: str | None = None
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(
+            Received(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content or b""),
+                list(envelope.mail_options),
+            )
+        )
+        return "250 2.0.0 Queued"
+
+
+@dataclass
+class Upstream:
+    host: str
+    port: int
+    handler: RecordingHandler
+    ca: trustme.CA | None = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+
+class UpstreamFactory:
+    """Starts recording upstreams, optionally with STARTTLS or implicit TLS and AUTH."""
+
+    def __init__(self, loops: LoopThread, tmp_path: Path) -> None:
+        self._loops = loops
+        self._tmp_path = tmp_path
+        self._servers: list[asyncio.Server] = []
+
+    def __call__(
+        self,
+        tls: str = "none",
+        credentials: tuple[str, str] | None = None,
+    ) -> Upstream:
+        handler = RecordingHandler()
+        ca: trustme.CA | None = None
+        server_context: ssl.SSLContext | None = None
+        if tls != "none":
+            ca = trustme.CA()
+            server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("localhost", LOOPBACK).configure_cert(server_context)
+
+        def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+            if credentials and isinstance(data, LoginPassword):
+                if (data.login.decode(), data.password.decode()) == credentials:
+                    return AuthResult(success=True)
+            return AuthResult(success=False, handled=False)
+
+        def protocol() -> SMTP:
+            return SMTP(
+                handler,
+                enable_SMTPUTF8=True,
+                hostname="upstream.test",
+                tls_context=server_context if tls == "starttls" else None,
+                require_starttls=tls == "starttls",
+                authenticator=authenticator if credentials else None,
+                auth_required=bool(credentials),
+                auth_require_tls=tls != "none",
+            )
+
+        async def start() -> asyncio.Server:
+            return await asyncio.get_running_loop().create_server(
+                protocol, LOOPBACK, 0, ssl=server_context if tls == "implicit" else None
+            )
+
+        server: asyncio.Server = self._loops.run(start())
+        self._servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return Upstream(LOOPBACK, port, handler, ca)
+
+    def close(self) -> None:
+        async def stop(server: asyncio.Server) -> None:
+            server.close()
+
+        for server in self._servers:
+            self._loops.run(stop(server))
+
+
+@pytest.fixture
+def loops() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def make_upstream(loops: LoopThread, tmp_path: Path) -> Iterator[UpstreamFactory]:
+    factory = UpstreamFactory(loops, tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def upstream(make_upstream: UpstreamFactory) -> Upstream:
+    return make_upstream()
+
+
+def relay_config(tmp_path: Path, environ: dict[str, str] | None = None) -> Config:
+    """A Config from RELAY_* settings only, listening on a free port, outbox under tmp_path."""
+    settings = {"RELAY_LISTEN_PORT": "0", "RELAY_OUTBOX": str(tmp_path / "outbox")}
+    settings.update(environ or {})
+    return load_config(None, settings)
+
+
+@dataclass
+class RunningRelay:
+    server: RelayServer
+    host: str
+    port: int
+    outbox: Path
+
+
+@pytest.fixture
+def start_relay(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., RunningRelay]]:
+    """start_relay(RELAY_POLICY_ACTION="bcc", ...) -> a RunningRelay; stopped after the test."""
+    started: list[RelayServer] = []
+
+    def start(upstream: Upstream | None = None, **environ: str) -> RunningRelay:
+        if upstream is not None:
+            environ.setdefault("RELAY_UPSTREAM_HOST", upstream.host)
+            environ.setdefault("RELAY_UPSTREAM_PORT", str(upstream.port))
+            environ.setdefault("RELAY_UPSTREAM_TLS", "none")
+        config = relay_config(tmp_path, environ)
+
+        async def boot() -> RelayServer:
+            server = RelayServer(config)
+            await server.start()
+            return server
+
+        server: RelayServer = loops.run(boot())
+        started.append(server)
+        return RunningRelay(server, LOOPBACK, server.port, config.outbox)
+
+    yield start
+    for server in started:
+        loops.run(server.stop())
