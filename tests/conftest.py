@@ -127,9 +127,12 @@ class UpstreamFactory:
             ca.issue_cert("localhost", LOOPBACK).configure_cert(server_context)
 
         def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
-            if credentials and isinstance(data, LoginPassword):
-                if (data.login.decode(), data.password.decode()) == credentials:
-                    return AuthResult(success=True)
+            if (
+                credentials
+                and isinstance(data, LoginPassword)
+                and (data.login.decode(), data.password.decode()) == credentials
+            ):
+                return AuthResult(success=True)
             return AuthResult(success=False, handled=False)
 
         def protocol() -> SMTP:
