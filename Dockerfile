@@ -1,0 +1,44 @@
+# privacy-relay as a sidecar: other containers send mail to it on port 1025.
+# Configure it with RELAY_* environment variables (see the README and docs/docker.md).
+
+FROM python:3.12-slim AS build
+# Build into a virtual environment so the final stage copies one folder and no build tools.
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY relay/ relay/
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+FROM python:3.12-slim
+LABEL org.opencontainers.image.title="privacy-relay" \
+      org.opencontainers.image.description="A local SMTP relay that stops mail from exposing recipients' addresses to each other" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# The relay never runs as root: a system user owns only its working folder and the outbox.
+RUN groupadd --gid 10001 relay \
+    && useradd --uid 10001 --gid relay --no-log-init --home-dir /var/lib/privacy-relay --create-home \
+       --shell /usr/sbin/nologin relay \
+    && install --directory --owner relay --group relay /var/lib/privacy-relay/outbox
+
+COPY --from=build /opt/venv /opt/venv
+
+# Listening on every interface inside the container is safe only with RELAY_LISTEN_ALLOWED_NETWORKS:
+# without it the relay refuses to start (it would be an open relay). Set it when you run the image.
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    RELAY_LISTEN_HOST=0.0.0.0 \
+    RELAY_OUTBOX=/var/lib/privacy-relay/outbox
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+WORKDIR /var/lib/privacy-relay
+VOLUME ["/var/lib/privacy-relay/outbox"]
+EXPOSE 1025
+
+# Healthy when the relay answers an SMTP connection with its 220 greeting (smtplib raises otherwise).
+# The check connects from 127.0.0.1, so RELAY_LISTEN_ALLOWED_NETWORKS must include 127.0.0.1/32.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, smtplib; smtplib.SMTP('127.0.0.1', int(os.environ.get('RELAY_LISTEN_PORT', '1025')), timeout=4).quit()"]
+
+CMD ["privacy-relay", "serve"]
