@@ -131,6 +131,28 @@ def test_docs_name_only_real_environment_variables(path: Path) -> None:
     assert named - set(ENV_KEYS) - {PASSWORD_ENV} == set()
 
 
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors: lower case, punctuation dropped, spaces as hyphens."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("path", [p for p in OWN_DOCS if p.suffix == ".md"], ids=lambda p: p.name)
+def test_links_point_at_files_and_headings_that_exist(path: Path) -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        assert linked.exists(), f"{path.name} links to missing {target}"
+        if anchor:
+            assert anchor in heading_anchors(linked.read_text(encoding="utf-8")), f"{path.name}: {target}"
+
+
 @pytest.mark.parametrize("command", QUICK_START)
 def test_quick_start_command_is_one_line_in_a_shell_block(command: str) -> None:
     quick_start = section(README.read_text(encoding="utf-8"), "## Quick start")
