@@ -121,6 +121,13 @@ def test_reference_states_the_real_default(key: str) -> None:
     assert value_at(documented, KEYS[key]) == value_at(Config(), KEYS[key])
 
 
+def test_readme_yaml_examples_are_valid_configuration() -> None:
+    examples = code_blocks(README.read_text(encoding="utf-8"), "yaml")
+    assert len(examples) >= 3, "the provider examples are YAML blocks"
+    for example in examples:
+        Config.model_validate(yaml.safe_load(example))
+
+
 def test_reference_documents_the_password_variable() -> None:
     assert PASSWORD_ENV in section(README.read_text(encoding="utf-8"), "## Configuration reference")
 
