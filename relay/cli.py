@@ -12,7 +12,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.addresses import parse_address_list
-from relay.config import Config, ConfigError, load_config
+from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from relay.errors import SmtpReply
 from relay.forwarder import probe_upstream
 from relay.logs import configure_logging
@@ -135,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"privacy-relay: {exc}", file=sys.stderr)
         return 2
-    source = str(args.config) if args.config else "built-in defaults or ./config/relay.yaml"
+    if args.config:
+        source = str(args.config)
+    else:
+        source = str(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else "built-in defaults"
     if args.command == "serve":
         return _serve(config)
     if args.command == "check":
