@@ -1,15 +1,17 @@
 """Parsing, validating and normalising email addresses (groups, encoded words, IDN, case).
 
-Pure: no I/O. Header parsing is the standard library's (email.headerregistry); envelope addresses are
-validated strictly against RFC 5321, because a lenient parser there is how address smuggling starts.
+Pure: no I/O. Header address lists are read by a small RFC 5322 tokenizer rather than the standard
+library's email.headerregistry, which is quadratic in the number of addresses, recurses once per nested
+comment (RecursionError) and silently drops what follows a stray `;`. Envelope addresses are validated
+strictly against RFC 5321, because a lenient parser there is how address smuggling starts.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.header import Header
-from email.policy import default as default_policy
+from email.errors import HeaderParseError
+from email.header import Header, decode_header, make_header
 from email.utils import quote
 
 from relay.errors import SmtpReply
@@ -28,6 +30,9 @@ _UTF8_MAILBOX = re.compile(
     rf"(?:{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*|{_ADDRESS_LITERAL})"
 )
 MAX_ADDRESS_LENGTH = 254
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+# Comment and quote marks turned into spaces, so addresses written inside them stand alone.
+_UNWRAP = str.maketrans({"(": " ", ")": " ", '"': " "})
 
 
 def validate_envelope_address(address: str, *, smtputf8: bool) -> str:
@@ -55,7 +60,7 @@ def normalize_address(address: str) -> str:
     if not at:
         return address.strip().lower()
     if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
-        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return f"{local.lower()}@{normalize_domain(domain)}"
 
 
@@ -71,7 +76,7 @@ def ascii_domain_form(address_key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Mailbox:
     display_name: str
-    address: str  # the addr-spec, quoted where RFC 5322 needs it
+    address: str  # the addr-spec as written (quoted local parts keep their quotes)
     group: str | None = None
 
     @property
@@ -79,16 +84,190 @@ class Mailbox:
         return normalize_address(self.address)
 
 
-def parse_address_list(value: str) -> list[Mailbox]:
-    """Every mailbox in an address-list header value, groups flattened; unparseable parts are skipped."""
-    header = default_policy.header_factory("to", value)
+# One lexical token of RFC 5322 structured header text. Quoted strings and domain literals may run to
+# the end of the text when unterminated, so the pattern always matches without backtracking.
+_TOKEN = re.compile(
+    r"""(?P<space>[ \t\r\n]+)
+      |(?P<quoted>"(?:[^"\\]|\\.)*(?:"|\\?\Z))
+      |(?P<literal>\[(?:[^\]\\]|\\.)*(?:\]|\\?\Z))
+      |(?P<comment>\()
+      |(?P<special>[<>,;:@])
+      |(?P<atom>[^\s()<>\[\]:;@\\,"]+)
+      |(?P<other>.)""",
+    re.VERBOSE | re.DOTALL,
+)
+_COMMENT_STOP = re.compile(r"[()\\]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    kind: str  # space, quoted, literal, comment, special, atom, other
+    text: str
+
+    @property
+    def is_word(self) -> bool:
+        return self.kind in ("atom", "quoted")
+
+    @property
+    def is_blank(self) -> bool:
+        return self.kind in ("space", "comment")
+
+
+def _comment_end(text: str, start: int) -> int:
+    """The index just past the comment opening at start; comments nest (RFC 5322 3.2.2)."""
+    depth = 0
+    position = start
+    while True:
+        stop = _COMMENT_STOP.search(text, position)
+        if stop is None:
+            return len(text)
+        char = stop.group(0)
+        if char == "\\":
+            position = stop.end() + 1
+            continue
+        depth += 1 if char == "(" else -1
+        position = stop.end()
+        if depth == 0:
+            return position
+
+
+def _tokens(text: str) -> list[_Token]:
+    """Linear in the length of text, whatever it contains (the stdlib parser is not)."""
+    tokens: list[_Token] = []
+    position = 0
+    while position < len(text):
+        if text[position] == "(":
+            end = _comment_end(text, position)
+            tokens.append(_Token("comment", text[position:end]))
+            position = end
+            continue
+        match = _TOKEN.match(text, position)
+        assert match is not None and match.lastgroup is not None  # the last alternative matches anything
+        tokens.append(_Token(match.lastgroup, match.group(0)))
+        position = match.end()
+    return tokens
+
+
+def _addresses_around_at(tokens: list[_Token]) -> list[str]:
+    """Every local@domain in tokens: the words directly before and after each @ (CFWS around @ allowed)."""
+    found: list[str] = []
+    for index, token in enumerate(tokens):
+        if token.kind != "special" or token.text != "@":
+            continue
+        before = index - 1
+        while before >= 0 and tokens[before].is_blank:
+            before -= 1
+        start = before
+        while start >= 0 and tokens[start].is_word:
+            start -= 1
+        after = index + 1
+        while after < len(tokens) and tokens[after].is_blank:
+            after += 1
+        end = after
+        while end < len(tokens) and tokens[end].kind in ("atom", "literal"):
+            end += 1
+        local = "".join(t.text for t in tokens[start + 1 : before + 1])
+        domain = "".join(t.text for t in tokens[after:end]).rstrip(".")
+        if local and domain:
+            found.append(f"{local}@{domain}")
+    return found
+
+
+def _decode_display_name(text: str) -> str:
+    if "=?" not in text:
+        return text
+    try:
+        return str(make_header(decode_header(text)))
+    except (HeaderParseError, UnicodeError, LookupError, ValueError):
+        return text
+
+
+def _phrase(tokens: list[_Token]) -> str:
+    """A display name: words unquoted, comments dropped, encoded words decoded."""
+    parts: list[str] = []
+    for token in tokens:
+        if token.kind == "quoted":
+            inner = token.text[1:-1] if len(token.text) > 1 and token.text.endswith('"') else token.text[1:]
+            parts.append(_QUOTED_PAIR.sub(r"\1", inner))
+        elif token.kind == "space":
+            parts.append(" ")
+        elif token.kind != "comment":
+            parts.append(token.text)
+    return _decode_display_name(" ".join("".join(parts).split()))
+
+
+def _segment_mailboxes(segment: list[_Token], group: str | None) -> list[Mailbox]:
+    """The mailboxes of one list element. Stray text after an address yields its addresses too,
+    so nothing the stdlib parser would silently drop (a@b.c d@e.f, <a@b.c> <d@e.f>) goes unseen."""
     mailboxes: list[Mailbox] = []
-    for group in header.groups:
-        for address in group.addresses:
-            if not address.username or not address.domain:
-                continue
-            mailboxes.append(Mailbox(address.display_name, address.addr_spec, group.display_name))
+    phrase_start = 0
+    index = 0
+    outside: list[_Token] = []
+    while index < len(segment):
+        if segment[index].text != "<" or segment[index].kind != "special":
+            outside.append(segment[index])
+            index += 1
+            continue
+        close = index + 1
+        while close < len(segment) and not (segment[close].kind == "special" and segment[close].text == ">"):
+            close += 1
+        inner = segment[index + 1 : close]
+        colons = [i for i, t in enumerate(inner) if t.kind == "special" and t.text == ":"]
+        if colons:  # obsolete source route: <@relay.example:user@example.com>
+            inner = inner[colons[-1] + 1 :]
+        name = _phrase(segment[phrase_start:index])
+        for position, address in enumerate(_addresses_around_at(inner)):
+            mailboxes.append(Mailbox(name if position == 0 else "", address, group))
+        index = phrase_start = close + 1
+        outside.append(_Token("space", " "))
+    # An unquoted address anywhere outside <...> (bare, after another address, or in a display name)
+    # is readable by every recipient, so it counts as a mailbox of its own.
+    mailboxes.extend(Mailbox("", address, group) for address in _addresses_around_at(outside))
     return mailboxes
+
+
+def parse_address_list(value: str) -> list[Mailbox]:
+    """Every mailbox in an address-list header value, groups flattened.
+
+    Lenient where senders are sloppy and never silent: `;` outside a group and missing commas still
+    separate addresses. Linear in the length of value.
+    """
+    mailboxes: list[Mailbox] = []
+    group: str | None = None
+    segment: list[_Token] = []
+    in_angle = False
+    for token in _tokens(value):
+        if token.kind == "special":
+            if token.text in "<>":
+                in_angle = token.text == "<"
+            elif not in_angle and token.text in ",;":
+                mailboxes.extend(_segment_mailboxes(segment, group))
+                segment = []
+                if token.text == ";":
+                    group = None
+                continue
+            elif not in_angle and token.text == ":" and group is None and not any(t.text == "@" for t in segment):
+                group = _phrase(segment)
+                segment = []
+                continue
+        segment.append(token)
+    mailboxes.extend(_segment_mailboxes(segment, group))
+    return mailboxes
+
+
+def mentioned_addresses(text: str) -> set[str]:
+    """The keys of every address written anywhere in text, inside comments and quotes included."""
+    plain = text.translate(_UNWRAP)
+    found = _addresses_around_at(_tokens(text)) + _addresses_around_at(_tokens(plain))
+    return {normalize_address(address) for address in found}
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ascii_only(text: str) -> bool:
@@ -98,6 +277,9 @@ def _ascii_only(text: str) -> bool:
 def format_mailbox(mailbox: Mailbox) -> str:
     """A mailbox for a header value: non-ASCII display names as RFC 2047 encoded words."""
     name = mailbox.display_name.strip()
+    if name and not _is_valid_unicode(name):
+        # 8-bit bytes that were not UTF-8: their charset is unknown, so show the address alone.
+        name = ""
     if not name:
         return mailbox.address
     if _ascii_only(name):

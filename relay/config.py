@@ -69,6 +69,15 @@ class PolicyConfig(_Section):
     min_recipients: int = Field(default=2, ge=2)
     internal_domains: tuple[str, ...] = ()
     always_visible: tuple[str, ...] = ()
+    calendar: Literal["reject", "pass"] = "reject"
+    tnef: Literal["reject", "pass"] = "reject"
+    override_tag: str | None = None
+
+    @model_validator(mode="after")
+    def _override_tag_not_blank(self) -> PolicyConfig:
+        if self.override_tag is not None and not self.override_tag.strip():
+            raise ValueError("override_tag: must be null or a visible tag such as [visible]")
+        return self
 
 
 class LoggingConfig(_Section):

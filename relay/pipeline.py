@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from relay.config import PolicyConfig
 from relay.errors import SmtpReply
-from relay.leakcheck import Leak, find_leak
+from relay.leakcheck import Leak, LeakChecker
 from relay.message import parse_message
 from relay.policy import Decision, Envelope, decide
 from relay.rewrite import OutgoingCopy, TraceInfo, build_copies
@@ -22,8 +22,9 @@ class PrivacyCheckFailed(SmtpReply):
         super().__init__(
             554,
             "5.7.1",
-            f"Not sent: privacy-relay could not hide every recipient's address (the {leak.field} "
-            "header would still show one). Put the recipients in Bcc and send it again.",
+            f"Not sent: privacy-relay could not hide every recipient's address: the {leak.field} "
+            "header would still show one to another recipient. Remove other recipients' addresses "
+            f"from {leak.field} (or put the recipients in Bcc) and send it again.",
         )
         self.leak = leak
         self.decision = decision
@@ -48,8 +49,11 @@ def prepare(
     if decision.rejection is not None:
         raise decision.rejection
     copies = build_copies(message, decision, trace, message_id)
-    for copy in copies:
-        leak = find_leak(copy.headers, copy.hidden)
+    checker = LeakChecker(decision.protected)
+    for plan, copy in zip(decision.copies, copies, strict=True):
+        if not plan.is_rewritten:
+            continue  # sent as written on purpose: to the sender, internal or always-visible recipients
+        leak = checker.find(copy.headers, plan.may_show)
         if leak is not None:
             raise PrivacyCheckFailed(leak, decision)
     return Prepared(decision, copies)

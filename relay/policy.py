@@ -12,12 +12,14 @@ from typing import Literal
 
 from relay.addresses import Mailbox, normalize_address, normalize_domain, parse_address_list
 from relay.config import PolicyConfig
+from relay.content import scan_content
 from relay.errors import SmtpReply
 from relay.message import ParsedMessage
 
 # Headers whose addresses every recipient reads as "who else got this".
 VISIBLE_FIELDS = ("to", "cc", "resent-to", "resent-cc")
-SENDER_FIELDS = ("from",)
+# The author and resender: their own addresses are shown in every copy anyway, so never protected.
+SENDER_FIELDS = ("from", "sender", "resent-from", "resent-sender")
 
 
 class Action(StrEnum):
@@ -25,6 +27,7 @@ class Action(StrEnum):
     BCC = "bcc"
     REJECT = "reject"
     PASS = "pass"  # noqa: S105 (exposed, sent as written on purpose: audit only)
+    OVERRIDE = "override"  # the sender asked, with policy.override_tag, to send it as written
     UNCHANGED = "unchanged"  # nothing to protect
 
 
@@ -46,8 +49,13 @@ class CopyPlan:
     kind: CopyKind
     # single copies: the recipient's own mailbox, shown in To.
     shown: Mailbox | None = None
-    # Keys of protected addresses that must not appear anywhere in this copy's headers.
-    hidden: frozenset[str] = frozenset()
+    # Keys of the protected addresses this copy may show (its own recipient); every other protected
+    # address of the Decision must appear nowhere in its headers. Original copies are not restricted.
+    may_show: frozenset[str] = frozenset()
+
+    @property
+    def is_rewritten(self) -> bool:
+        return self.kind != "original"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,8 @@ class Decision:
     # always_visible mailboxes found in the original, by the field they were in ("to" or "cc").
     always_visible: tuple[tuple[str, Mailbox], ...] = ()
     rejection: SmtpReply | None = field(default=None)
+    # Set when the Subject carried policy.override_tag: the copies' Subject loses it.
+    override_tag: str | None = None
 
 
 def _is_internal(key: str, internal_domains: frozenset[str]) -> bool:
@@ -91,6 +101,30 @@ def visible_mailboxes(message: ParsedMessage) -> list[tuple[str, Mailbox]]:
     return found
 
 
+def _shows_someone_else(shown: set[str], recipient_keys: list[str]) -> bool:
+    """True when some recipient would see a protected address other than its own (linear)."""
+    return len(shown) > 1 or (len(shown) == 1 and any(key not in shown for key in recipient_keys))
+
+
+def subject_has_tag(message: ParsedMessage, tag: str | None) -> bool:
+    if not tag:
+        return False
+    return any(tag.lower() in f.value.lower() for f in message.get_all("subject"))
+
+
+CALENDAR_REFUSAL = (
+    "Not sent: this meeting invitation lists {count} attendees' addresses inside its calendar data, "
+    "which every invited person's calendar shows and this relay cannot hide. Send one invitation per "
+    "attendee, or send the details as an ordinary message with the recipients in Bcc."
+)
+TNEF_REFUSAL = (
+    "Not sent: Outlook attached a winmail.dat (Rich Text / TNEF) that carries the full list of "
+    "recipients, which this relay cannot hide. In Outlook, write the message in HTML or plain text "
+    "(File > Options > Mail > Compose messages in HTML; and under Message format, set Rich Text "
+    "messages to Internet recipients to Convert to HTML format), then send it again."
+)
+
+
 def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> Decision:
     internal_domains = frozenset(normalize_domain(d) for d in config.internal_domains)
     always_visible_keys = frozenset(normalize_address(a) for a in config.always_visible)
@@ -101,32 +135,63 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
 
     visible = visible_mailboxes(message)
     recipients = _dedupe(envelope.rcpt_tos)
+    recipient_keys = [normalize_address(r) for r in recipients]
 
     def is_protected(key: str) -> bool:
         return key not in sender_keys and key not in always_visible_keys and not _is_internal(key, internal_domains)
 
-    candidate_keys = {normalize_address(r) for r in recipients} | {m.key for _, m in visible}
+    candidate_keys = set(recipient_keys) | {m.key for _, m in visible}
     protected = frozenset(k for k in candidate_keys if is_protected(k))
     visible_protected = {m.key for _, m in visible if m.key in protected}
     exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, m in visible if m.key in protected))
-    exposes = any(visible_protected - {normalize_address(r)} for r in recipients)
     always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))
-
     everyone = (CopyPlan(tuple(recipients), "original"),)
-    if not exposes or len(protected) < config.min_recipients:
-        reason = (
-            "no recipient can see another protected recipient"
-            if not exposes
-            else f"{len(protected)} protected recipient(s), below policy.min_recipients"
+
+    def decision(
+        action: Action,
+        reason: str,
+        copies: tuple[CopyPlan, ...],
+        rejection: SmtpReply | None = None,
+        override_tag: str | None = None,
+    ) -> Decision:
+        return Decision(action, reason, copies, protected, exposed_fields, always_visible, rejection, override_tag)
+
+    if subject_has_tag(message, config.override_tag):
+        return decision(
+            Action.OVERRIDE,
+            f"the Subject contains the override tag {config.override_tag!r}: sent as written",
+            everyone,
+            override_tag=config.override_tag,
         )
-        return Decision(Action.UNCHANGED, reason, everyone, protected, exposed_fields, always_visible)
+    if len(protected) < config.min_recipients:
+        return decision(
+            Action.UNCHANGED, f"{len(protected)} protected recipient(s), below policy.min_recipients", everyone
+        )
+
+    headers_expose = _shows_someone_else(visible_protected, recipient_keys)
+    content = scan_content(message)
+    attendees = set(content.calendar_attendees & protected)
+    calendar_exposes = config.calendar == "reject" and _shows_someone_else(attendees, recipient_keys)
+    # A winmail.dat carries the whole recipient table, Bcc included, so it exposes any two recipients.
+    tnef_exposes = config.tnef == "reject" and content.has_tnef
+    if not (headers_expose or calendar_exposes or tnef_exposes):
+        return decision(Action.UNCHANGED, "no recipient can see another protected recipient", everyone)
 
     exposed_count = len(visible_protected)
     where = " and ".join(exposed_fields) or "To/Cc"
     reason = f"{exposed_count} recipient address(es) visible to each other in {where}"
+    if calendar_exposes:
+        reason = f"{len(attendees)} recipient address(es) listed as ATTENDEE in a calendar invitation"
+    elif tnef_exposes:
+        reason = "a winmail.dat (TNEF) attachment carries the recipient list"
     action = Action(config.action)
     if action is Action.PASS:
-        return Decision(Action.PASS, reason, everyone, protected, exposed_fields, always_visible)
+        return decision(Action.PASS, reason, everyone)
+    if calendar_exposes:
+        refusal = SmtpReply(550, "5.7.1", CALENDAR_REFUSAL.format(count=len(attendees)))
+        return decision(Action.REJECT, reason, (), rejection=refusal)
+    if tnef_exposes:
+        return decision(Action.REJECT, reason, (), rejection=SmtpReply(550, "5.7.1", TNEF_REFUSAL))
     if action is Action.REJECT:
         rejection = SmtpReply(
             550,
@@ -135,24 +200,23 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
             f"other in {where}. Put the recipients in Bcc instead (and yourself in To), "
             "then send it again.",
         )
-        return Decision(Action.REJECT, reason, (), protected, exposed_fields, always_visible, rejection)
+        return decision(Action.REJECT, reason, (), rejection=rejection)
 
-    unprotected = tuple(r for r in recipients if normalize_address(r) not in protected)
-    protected_recipients = [r for r in recipients if normalize_address(r) in protected]
+    unprotected = tuple(r for r, key in zip(recipients, recipient_keys, strict=True) if key not in protected)
+    protected_recipients = [(r, key) for r, key in zip(recipients, recipient_keys, strict=True) if key in protected]
     copies: list[CopyPlan] = []
     if unprotected:
         # The sender, internal colleagues and always-visible addresses see the message as written.
         copies.append(CopyPlan(unprotected, "original"))
     if action is Action.BCC:
         if protected_recipients:
-            copies.append(CopyPlan(tuple(protected_recipients), "undisclosed", hidden=protected))
+            copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), "undisclosed"))
     else:
         shown_by_key: dict[str, Mailbox] = {}
         for _, mailbox in visible:
             if mailbox.key not in shown_by_key or (mailbox.display_name and not shown_by_key[mailbox.key].display_name):
                 shown_by_key[mailbox.key] = mailbox
-        for recipient in protected_recipients:
-            key = normalize_address(recipient)
+        for recipient, key in protected_recipients:
             shown = shown_by_key.get(key, Mailbox("", recipient))
-            copies.append(CopyPlan((recipient,), "single", shown, protected - {key}))
-    return Decision(action, reason, tuple(copies), protected, exposed_fields, always_visible)
+            copies.append(CopyPlan((recipient,), "single", shown, frozenset({key})))
+    return decision(action, reason, tuple(copies))

@@ -6,9 +6,10 @@ details, a Message-ID and Date for messages that lack them).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from relay.addresses import Mailbox, fold_field, format_mailbox, parse_address_list
+from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
 from relay.message import HeaderField, ParsedMessage, serialize
 from relay.policy import CopyPlan, Decision
 
@@ -17,8 +18,10 @@ ALWAYS_REMOVED = frozenset({"bcc", "resent-bcc"})
 # Replaced in copies made for protected recipients.
 RECIPIENT_FIELDS = frozenset({"to", "cc"})
 RESENT_RECIPIENT_FIELDS = frozenset({"resent-to", "resent-cc"})
-# Reply-all targets: protected addresses are taken out of them, the rest stays.
-REPLY_FIELDS = frozenset({"reply-to", "mail-followup-to", "mail-reply-to"})
+# Reply-all and receipt targets: protected addresses are taken out of them, the rest stays.
+REPLY_FIELDS = frozenset(
+    {"reply-to", "mail-followup-to", "mail-reply-to", "disposition-notification-to", "return-receipt-to"}
+)
 # Trace and delivery fields left by clients or earlier hops; dropped when they name a hidden address.
 TRACE_FIELDS = frozenset(
     {
@@ -35,9 +38,10 @@ TRACE_FIELDS = frozenset(
         "final-recipient",
     }
 )
-# A signature over the To and Cc we replace would fail at the receiver; the provider signs anew.
+# A signature over the headers we change would fail at the receiver; the provider signs anew.
 SIGNATURE_FIELDS = frozenset({"dkim-signature"})
 UNDISCLOSED = "undisclosed-recipients:;"
+_TRAILING_SPACE = re.compile(rb"[ \t]+(\r?\n)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +62,19 @@ class OutgoingCopy:
     kind: str
     headers: bytes
     body: bytes  # the same object for every copy of a message
-    hidden: frozenset[str]
 
     @property
     def size(self) -> int:
         return len(self.headers) + len(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldFacts:
+    """What a field says about protected addresses, worked out once per message, not once per copy."""
+
+    field: HeaderField
+    mentions: frozenset[str]  # protected keys written anywhere in the field
+    mailboxes: tuple[Mailbox, ...] = ()  # reply fields only
 
 
 def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: bytes) -> bytes:
@@ -77,45 +89,71 @@ def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: 
     return f"{text}; {trace.date}{eol}".encode()
 
 
-def _mentions_hidden(field: HeaderField, hidden: frozenset[str]) -> bool:
-    text = field.value.lower()
-    return any(key in text for key in hidden)
-
-
-def _filtered_reply_field(field: HeaderField, hidden: frozenset[str], eol: bytes) -> bytes | None:
-    mailboxes = parse_address_list(field.value)
-    kept = [m for m in mailboxes if m.key not in hidden]
-    if len(kept) == len(mailboxes) and not _mentions_hidden(field, hidden):
-        return field.raw
+def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str], eol: bytes) -> bytes | None:
+    if not facts.mentions - may_show:
+        return facts.field.raw
+    kept = [m for m in facts.mailboxes if m.key not in facts.mentions or m.key in may_show]
     if not kept:
         return None
-    return fold_field(field.name, [format_mailbox(m) for m in kept], eol)
+    return fold_field(facts.field.name, [format_mailbox(m) for m in kept], eol)
 
 
-def _safe_shown(mailbox: Mailbox, hidden: frozenset[str]) -> Mailbox:
+def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset[str]) -> Mailbox:
     """The recipient's own mailbox, without a display name that spells out someone else's address."""
-    name = mailbox.display_name.lower()
-    if "@" in name and any(key in name for key in hidden):
+    if "@" in mailbox.display_name and (mentioned_addresses(mailbox.display_name) & protected) - may_show:
         return Mailbox("", mailbox.address)
     return mailbox
 
 
-def _copy_headers(
-    message: ParsedMessage,
-    decision: Decision,
-    plan: CopyPlan,
-    added: list[bytes],
-) -> bytes:
-    eol = message.line_ending
-    out: list[bytes] = list(added)
-    rewritten = plan.kind != "original"
-    to_written = resent_written = False
+def _without_tag(field: HeaderField, tag: str) -> bytes:
+    """The Subject field with every occurrence of the override tag (and one space after it) removed."""
+    pattern = re.compile(re.escape(tag.encode("utf-8")) + rb" ?", re.IGNORECASE)
+    name, colon, value = field.raw.partition(b":")
+    return name + colon + _TRAILING_SPACE.sub(rb"\1", pattern.sub(b"", value))
+
+
+def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFacts]:
+    facts = []
     for field in message.fields:
-        key = field.key
-        if key in ALWAYS_REMOVED:
+        mentions: frozenset[str] = frozenset()
+        mailboxes: tuple[Mailbox, ...] = ()
+        if field.key in REPLY_FIELDS:
+            mailboxes = tuple(parse_address_list(field.value))
+            mentions = frozenset(({m.key for m in mailboxes} | mentioned_addresses(field.value)) & protected)
+        elif field.key in TRACE_FIELDS:
+            mentions = frozenset(mentioned_addresses(field.value) & protected)
+        facts.append(_FieldFacts(field, mentions, mailboxes))
+    return facts
+
+
+def _original_headers(message: ParsedMessage, decision: Decision, added: list[bytes]) -> bytes:
+    out = list(added)
+    tag = decision.override_tag
+    for field in message.fields:
+        if field.key in ALWAYS_REMOVED or (tag and field.key in SIGNATURE_FIELDS):
             continue
-        if not rewritten:
-            out.append(field.raw)
+        out.append(_without_tag(field, tag) if tag and field.key == "subject" else field.raw)
+    return serialize(out, message.line_ending)
+
+
+def _rewritten_headers(
+    facts: list[_FieldFacts], eol: bytes, decision: Decision, plan: CopyPlan, added: list[bytes]
+) -> bytes:
+    out: list[bytes] = list(added)
+    to_written = False
+    resent_block: set[str] = set()
+    resent_written = False
+    for fact in facts:
+        field = fact.field
+        key = field.key
+        if key.startswith("resent-"):
+            # A name seen twice starts the next Resent- block (RFC 5322 3.6.6); each keeps one Resent-To.
+            if key in resent_block:
+                resent_block, resent_written = set(), False
+            resent_block.add(key)
+        else:
+            resent_block, resent_written = set(), False
+        if key in ALWAYS_REMOVED or key in SIGNATURE_FIELDS:
             continue
         if key in RECIPIENT_FIELDS:
             if not to_written:
@@ -123,33 +161,33 @@ def _copy_headers(
                 to_written = True
         elif key in RESENT_RECIPIENT_FIELDS:
             if not resent_written:
-                out.append(fold_field("Resent-To", _visible_items(plan, ()), eol))
+                out.append(fold_field("Resent-To", _visible_items(decision, plan, ()), eol))
                 resent_written = True
         elif key in REPLY_FIELDS:
-            kept = _filtered_reply_field(field, plan.hidden, eol)
+            kept = _filtered_reply_field(fact, plan.may_show, eol)
             if kept is not None:
                 out.append(kept)
         elif key in TRACE_FIELDS:
-            if not _mentions_hidden(field, plan.hidden):
+            if not fact.mentions - plan.may_show:
                 out.append(field.raw)
-        elif key not in SIGNATURE_FIELDS:
+        else:
             out.append(field.raw)
-    if rewritten and not to_written:
+    if not to_written:
         out.extend(_recipient_fields(decision, plan, eol))
     return serialize(out, eol)
 
 
-def _visible_items(plan: CopyPlan, extra: tuple[Mailbox, ...]) -> list[str]:
+def _visible_items(decision: Decision, plan: CopyPlan, extra: tuple[Mailbox, ...]) -> list[str]:
     items = [format_mailbox(m) for m in extra]
     if plan.kind == "single" and plan.shown is not None:
-        return [format_mailbox(_safe_shown(plan.shown, plan.hidden)), *items]
+        return [format_mailbox(_safe_shown(plan.shown, decision.protected, plan.may_show)), *items]
     return items or [UNDISCLOSED]
 
 
 def _recipient_fields(decision: Decision, plan: CopyPlan, eol: bytes) -> list[bytes]:
     in_to = tuple(m for name, m in decision.always_visible if name == "to")
     in_cc = tuple(m for name, m in decision.always_visible if name == "cc")
-    fields = [fold_field("To", _visible_items(plan, in_to), eol)]
+    fields = [fold_field("To", _visible_items(decision, plan, in_to), eol)]
     if in_cc:
         fields.append(fold_field("Cc", [format_mailbox(m) for m in in_cc], eol))
     return fields
@@ -161,16 +199,20 @@ def build_copies(
     trace: TraceInfo,
     message_id: str,
 ) -> list[OutgoingCopy]:
-    """One OutgoingCopy per CopyPlan, each with its own header bytes and the shared body."""
+    """One OutgoingCopy per CopyPlan, in the same order, each with its own header bytes and the shared body."""
     eol = message.line_ending
     missing: list[bytes] = []
     if not message.get_all("message-id"):
         missing.append(b"Message-ID: " + message_id.encode("ascii") + eol)
     if not message.get_all("date"):
         missing.append(b"Date: " + trace.date.encode("ascii") + eol)
+    facts = _facts(message, decision.protected) if any(p.is_rewritten for p in decision.copies) else []
     copies = []
     for plan in decision.copies:
         added = [_received_field(trace, plan.recipients, eol), *missing]
-        headers = _copy_headers(message, decision, plan, added)
-        copies.append(OutgoingCopy(plan.recipients, plan.kind, headers, message.body, plan.hidden))
+        if plan.is_rewritten:
+            headers = _rewritten_headers(facts, eol, decision, plan, added)
+        else:
+            headers = _original_headers(message, decision, added)
+        copies.append(OutgoingCopy(plan.recipients, plan.kind, headers, message.body))
     return copies

@@ -1,0 +1,151 @@
+"""Leaks inside the body that no header rewrite can fix: calendar invitations and Outlook's winmail.dat.
+
+Walks the MIME structure by byte offsets into the one body object (nothing is re-encoded or copied
+except the headers of each part and the text of calendar parts). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import binascii
+import quopri
+import re
+from dataclasses import dataclass
+
+from relay.addresses import mentioned_addresses
+from relay.errors import SmtpReply
+from relay.message import HeaderField, ParsedMessage, parse_message
+
+# Mail programs nest two or three levels; deeper structures are not looked into.
+MAX_DEPTH = 10
+MAX_PARTS = 1000
+# Content-Type values are short; a longer one is cut before its parameters are read.
+MAX_CONTENT_TYPE = 8192
+CALENDAR_TYPES = frozenset({"text/calendar", "application/ics"})
+TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+_PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+_FOLDED = re.compile(rb"\r?\n[ \t]")
+_ATTENDEE_LINE = re.compile(rb"^ATTENDEE[;:].*$", re.IGNORECASE | re.MULTILINE)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ContentFindings:
+    """What the body shows: addresses in calendar ATTENDEE lines, and whether Outlook TNEF is attached."""
+
+    calendar_attendees: frozenset[str] = frozenset()
+    has_tnef: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _ContentType:
+    mime_type: str
+    parameters: dict[str, str]
+
+
+def _content_type(fields: tuple[HeaderField, ...]) -> _ContentType:
+    value = next((f.value for f in fields if f.key == "content-type"), "text/plain")[:MAX_CONTENT_TYPE]
+    mime_type, _, rest = value.partition(";")
+    parameters = {}
+    for match in _PARAMETER.finditer(";" + rest):
+        raw = match.group(2).strip()
+        if raw.startswith('"') and raw.endswith('"') and len(raw) > 1:
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        parameters[match.group(1).lower()] = raw
+    return _ContentType(mime_type.strip().lower(), parameters)
+
+
+def _filename(fields: tuple[HeaderField, ...], content_type: _ContentType) -> str:
+    disposition = next((f.value for f in fields if f.key == "content-disposition"), "")[:MAX_CONTENT_TYPE]
+    names = [content_type.parameters.get("name", "")]
+    names += [m.group(2).strip('"') for m in _PARAMETER.finditer(disposition) if m.group(1).lower() == "filename"]
+    return " ".join(names).lower()
+
+
+def _decoded(data: bytes, fields: tuple[HeaderField, ...]) -> bytes:
+    encoding = next((f.value for f in fields if f.key == "content-transfer-encoding"), "").lower()
+    try:
+        if encoding == "base64":
+            return binascii.a2b_base64(data)
+        if encoding == "quoted-printable":
+            return quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        return data
+    return data
+
+
+def _attendees(calendar: bytes) -> set[str]:
+    """Addresses in the ATTENDEE lines of an iCalendar object (RFC 5545 3.8.4.1), lines unfolded."""
+    unfolded = _FOLDED.sub(b"", calendar)
+    found: set[str] = set()
+    for line in _ATTENDEE_LINE.finditer(unfolded):
+        found |= mentioned_addresses(line.group(0).decode("utf-8", errors="replace"))
+    return found
+
+
+def _parts(body: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each body part between the delimiter lines of a multipart (RFC 2046 5.1.1)."""
+    delimiter = b"--" + boundary
+    spans: list[tuple[int, int]] = []
+    part_start: int | None = None
+    position = start
+    while position < end and len(spans) < MAX_PARTS:
+        found = body.find(delimiter, position, end)
+        if found < 0:
+            break
+        at_line_start = found == start or body[found - 1 : found] == b"\n"
+        line_end = body.find(b"\n", found, end)
+        line_end = end if line_end < 0 else line_end + 1
+        if at_line_start:
+            if part_start is not None:
+                content_end = found - 1
+                if content_end > part_start and body[content_end - 1 : content_end] == b"\r":
+                    content_end -= 1
+                spans.append((part_start, max(part_start, content_end)))
+            if body[found + len(delimiter) : found + len(delimiter) + 2] == b"--":
+                return spans
+            part_start = line_end
+        position = line_end
+    if part_start is not None and len(spans) < MAX_PARTS:
+        spans.append((part_start, end))  # no closing delimiter: the last part runs to the end
+    return spans
+
+
+@dataclass(slots=True)
+class _Found:
+    attendees: set[str]
+    tnef: bool = False
+
+
+def _part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField, ...], int]:
+    """A body part's header fields and where its content starts."""
+    if body.startswith((b"\r\n", b"\n"), start, end):
+        return (), body.find(b"\n", start, end) + 1
+    header_end = _HEADER_END.search(body, start, end)
+    content_start = header_end.end() if header_end else end
+    try:
+        return parse_message(body[start:content_start]).fields, content_start
+    except SmtpReply:
+        return (), content_start  # unreadable part headers: treated as a plain text part
+
+
+def _scan(body: bytes, start: int, end: int, fields: tuple[HeaderField, ...], depth: int, found: _Found) -> None:
+    content_type = _content_type(fields)
+    filename = _filename(fields, content_type)
+    if content_type.mime_type in TNEF_TYPES or "winmail.dat" in filename:
+        found.tnef = True
+    elif content_type.mime_type in CALENDAR_TYPES or filename.endswith((".ics", ".vcs")):
+        found.attendees |= _attendees(_decoded(body[start:end], fields))
+    elif content_type.mime_type.startswith("multipart/") and depth < MAX_DEPTH:
+        boundary = content_type.parameters.get("boundary")
+        if not boundary:
+            return
+        for part_start, part_end in _parts(body, start, end, boundary.encode("utf-8", "surrogateescape")):
+            part_fields, content_start = _part_headers(body, part_start, part_end)
+            _scan(body, content_start, part_end, part_fields, depth + 1, found)
+
+
+def scan_content(message: ParsedMessage) -> ContentFindings:
+    """Calendar attendees and TNEF attachments anywhere in the message's MIME structure."""
+    found = _Found(set())
+    _scan(message.body, 0, len(message.body), message.fields, 0, found)
+    return ContentFindings(frozenset(found.attendees), found.tnef)
