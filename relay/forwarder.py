@@ -54,6 +54,17 @@ def build_tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     return context
 
 
+def needs_smtputf8(mail_from: str, copy: OutgoingCopy, client_used_smtputf8: bool) -> bool:
+    """True when the copy can only go out with SMTPUTF8: the client used it and something is not ASCII.
+
+    8-bit headers from a client that did not ask for SMTPUTF8 are legacy mail (Latin-1 subjects) and go
+    out as they came, as Postfix passes them.
+    """
+    if not client_used_smtputf8:
+        return False
+    return not (mail_from.isascii() and all(r.isascii() for r in copy.recipients) and copy.headers.isascii())
+
+
 class UpstreamPool:
     """At most max_connections open connections to one upstream, reused across messages."""
 
@@ -111,10 +122,23 @@ class UpstreamPool:
     async def _transaction(
         self, client: aiosmtplib.SMTP, mail_from: str, copy: OutgoingCopy, smtputf8: bool
     ) -> SendOutcome:
-        options = ["SMTPUTF8"] if smtputf8 else []
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()  # the extension checks below need the EHLO reply
+        outcome = SendOutcome()
+        needs_utf8 = needs_smtputf8(mail_from, copy, smtputf8)
+        if needs_utf8 and not client.supports_extension("smtputf8"):
+            # Downgrading would mean rewriting addresses or headers; refuse instead (RFC 6531 3.2).
+            reply = UpstreamReply(
+                550,
+                "5.6.7",
+                f"this message has non-ASCII addresses or headers (SMTPUTF8) and {self.label} does not "
+                "accept SMTPUTF8; not sent rather than altered. Use ASCII addresses or another upstream",
+            )
+            outcome.refused = dict.fromkeys(copy.recipients, reply)
+            return outcome
+        options = ["SMTPUTF8"] if needs_utf8 else []
         if client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        outcome = SendOutcome()
         try:
             errors, _ = await client.sendmail(
                 mail_from, list(copy.recipients), copy.headers + copy.body, mail_options=options

@@ -22,6 +22,7 @@ from relay.config import Config
 from relay.delivery import DeliveryReport
 from relay.errors import SmtpReply
 from relay.pipeline import PrivacyCheckFailed, prepare
+from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
 
@@ -143,8 +144,16 @@ class RelayHandler:
             return refusal.render()
 
         decision = prepared.decision
-        if decision.action.value == "pass":
+        if decision.action is Action.PASS:
             log.warning("policy.exposed_passed", reason=decision.reason)
+        elif decision.action is Action.OVERRIDE:
+            # Every deliberate exposure leaves a trace: who could see whom is in exposed_fields.
+            log.warning(
+                "policy.override",
+                tag=decision.override_tag,
+                exposed_fields=list(decision.exposed_fields),
+                protected=len(decision.protected),
+            )
         report = await self.delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
         reply = report.client_reply(queue_id)
         log.info(

@@ -14,6 +14,11 @@ MAX_HEADER_BYTES = 1_048_576
 # RFC 5322 field-name: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+# A field naming recipients, found below a line that ended the header section early.
+_ADDRESS_FIELD_LINE = re.compile(
+    rb"^(?:to|cc|bcc|resent-to|resent-cc|resent-bcc|reply-to|mail-followup-to)[ \t]*:", re.IGNORECASE | re.MULTILINE
+)
+_PARAGRAPH_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,7 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
         newline = data.find(b"\n", position)
         line_end = len(data) if newline < 0 else newline + 1
         line = data[position:line_end]
-        if position > max_header_bytes:
+        if line_end > max_header_bytes:
             raise SmtpReply(
                 552,
                 "5.3.4",
@@ -103,7 +108,15 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
         colon = line.find(b":")
         name = line[:colon].rstrip(b" \t") if colon > 0 else b""
         if not _FIELD_NAME.fullmatch(name):
-            # Like Postfix: the first line that is not a header field starts the body.
+            # Like Postfix: the first line that is not a header field starts the body. But recipient
+            # fields below it would be read as headers by some mail programs and hidden from us.
+            paragraph_end = _PARAGRAPH_END.search(data, position, max_header_bytes)
+            stop = paragraph_end.start() if paragraph_end else min(len(data), max_header_bytes)
+            if _ADDRESS_FIELD_LINE.search(data, position, stop):
+                raise _malformed(
+                    "a line in the header section is not a header field (it has no colon) and "
+                    "recipient fields follow it; fix the sending program"
+                )
             last_field_end = body_start = position
             missing_blank_line = True
             break
