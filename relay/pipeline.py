@@ -51,8 +51,8 @@ def prepare(
     copies = build_copies(message, decision, trace, message_id)
     checker = LeakChecker(decision.protected)
     for plan, copy in zip(decision.copies, copies, strict=True):
-        if not plan.is_rewritten:
-            continue  # sent as written on purpose: to the sender, internal or always-visible recipients
+        if not plan.leak_checked:
+            continue
         leak = checker.find(copy.headers, plan.may_show)
         if leak is not None:
             raise PrivacyCheckFailed(leak, decision)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from relay.addresses import Mailbox, normalize_address, normalize_domain, parse_address_list
+from relay.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
 from relay.config import PolicyConfig
 from relay.content import scan_content
 from relay.errors import SmtpReply
@@ -20,6 +20,8 @@ from relay.message import ParsedMessage
 VISIBLE_FIELDS = ("to", "cc", "resent-to", "resent-cc")
 # The author and resender: their own addresses are shown in every copy anyway, so never protected.
 SENDER_FIELDS = ("from", "sender", "resent-from", "resent-sender")
+# Never in any copy.
+REMOVED_FIELDS = ("bcc", "resent-bcc")
 
 
 class Action(StrEnum):
@@ -50,8 +52,11 @@ class CopyPlan:
     # single copies: the recipient's own mailbox, shown in To.
     shown: Mailbox | None = None
     # Keys of the protected addresses this copy may show (its own recipient); every other protected
-    # address of the Decision must appear nowhere in its headers. Original copies are not restricted.
+    # address of the Decision must appear nowhere in its headers.
     may_show: frozenset[str] = frozenset()
+    # False for copies sent as written on purpose (to the sender or internal recipients, or exposure
+    # that the policy allows): only those skip the leak check.
+    leak_checked: bool = True
 
     @property
     def is_rewritten(self) -> bool:
@@ -101,6 +106,19 @@ def visible_mailboxes(message: ParsedMessage) -> list[tuple[str, Mailbox]]:
     return found
 
 
+def _mentioned_elsewhere(message: ParsedMessage, protected: frozenset[str]) -> list[tuple[str, str]]:
+    """(field key, protected key) for protected addresses written in fields other than To/Cc.
+
+    Reply-To, trace fields, even the Subject: whatever stays in a copy is read by its recipient.
+    """
+    found: list[tuple[str, str]] = []
+    for header in message.fields:
+        if header.key in VISIBLE_FIELDS or header.key in REMOVED_FIELDS or "@" not in header.value:
+            continue
+        found.extend((header.key, key) for key in mentioned_addresses(header.value) & protected)
+    return found
+
+
 def _shows_someone_else(shown: set[str], recipient_keys: list[str]) -> bool:
     """True when some recipient would see a protected address other than its own (linear)."""
     return len(shown) > 1 or (len(shown) == 1 and any(key not in shown for key in recipient_keys))
@@ -142,10 +160,12 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
 
     candidate_keys = set(recipient_keys) | {m.key for _, m in visible}
     protected = frozenset(k for k in candidate_keys if is_protected(k))
-    visible_protected = {m.key for _, m in visible if m.key in protected}
-    exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, m in visible if m.key in protected))
+    exposing = [(name, m.key) for name, m in visible if m.key in protected]
+    exposing += _mentioned_elsewhere(message, protected)
+    shown_anywhere = {key for _, key in exposing}
+    exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, _ in exposing))
     always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))
-    everyone = (CopyPlan(tuple(recipients), "original"),)
+    everyone = (CopyPlan(tuple(recipients), "original", leak_checked=False),)
 
     def decision(
         action: Action,
@@ -168,16 +188,23 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
             Action.UNCHANGED, f"{len(protected)} protected recipient(s), below policy.min_recipients", everyone
         )
 
-    headers_expose = _shows_someone_else(visible_protected, recipient_keys)
+    headers_expose = _shows_someone_else(shown_anywhere, recipient_keys)
     content = scan_content(message)
     attendees = set(content.calendar_attendees & protected)
     calendar_exposes = config.calendar == "reject" and _shows_someone_else(attendees, recipient_keys)
     # A winmail.dat carries the whole recipient table, Bcc included, so it exposes any two recipients.
     tnef_exposes = config.tnef == "reject" and content.has_tnef
     if not (headers_expose or calendar_exposes or tnef_exposes):
-        return decision(Action.UNCHANGED, "no recipient can see another protected recipient", everyone)
+        # Still leak-checked: one copy to several recipients must show none of them.
+        protected_recipients = frozenset(k for k in recipient_keys if k in protected)
+        checked = CopyPlan(
+            tuple(recipients),
+            "original",
+            may_show=protected_recipients if len(protected_recipients) == 1 else frozenset(),
+        )
+        return decision(Action.UNCHANGED, "no recipient can see another protected recipient", (checked,))
 
-    exposed_count = len(visible_protected)
+    exposed_count = len(shown_anywhere)
     where = " and ".join(exposed_fields) or "To/Cc"
     reason = f"{exposed_count} recipient address(es) visible to each other in {where}"
     if calendar_exposes:
@@ -207,7 +234,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     copies: list[CopyPlan] = []
     if unprotected:
         # The sender, internal colleagues and always-visible addresses see the message as written.
-        copies.append(CopyPlan(unprotected, "original"))
+        copies.append(CopyPlan(unprotected, "original", leak_checked=False))
     if action is Action.BCC:
         if protected_recipients:
             copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), "undisclosed"))

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
 from relay.message import HeaderField, ParsedMessage, serialize
-from relay.policy import CopyPlan, Decision
+from relay.policy import REMOVED_FIELDS, CopyPlan, Decision
 
 # Removed from every copy, as Postfix's cleanup does with Bcc: they name hidden recipients.
-ALWAYS_REMOVED = frozenset({"bcc", "resent-bcc"})
+ALWAYS_REMOVED = frozenset(REMOVED_FIELDS)
 # Replaced in copies made for protected recipients.
 RECIPIENT_FIELDS = frozenset({"to", "cc"})
 RESENT_RECIPIENT_FIELDS = frozenset({"resent-to", "resent-cc"})
