@@ -196,11 +196,11 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     tnef_exposes = config.tnef == "reject" and content.has_tnef
     if not (headers_expose or calendar_exposes or tnef_exposes):
         # Still leak-checked: one copy to several recipients must show none of them.
-        protected_recipients = frozenset(k for k in recipient_keys if k in protected)
+        receiving = frozenset(k for k in recipient_keys if k in protected)
         checked = CopyPlan(
             tuple(recipients),
             "original",
-            may_show=protected_recipients if len(protected_recipients) == 1 else frozenset(),
+            may_show=receiving if len(receiving) == 1 else frozenset(),
         )
         return decision(Action.UNCHANGED, "no recipient can see another protected recipient", (checked,))
 
