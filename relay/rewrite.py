@@ -6,7 +6,9 @@ details, a Message-ID and Date for messages that lack them).
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
@@ -74,7 +76,10 @@ class _FieldFacts:
 
     field: HeaderField
     mentions: frozenset[str]  # protected keys written anywhere in the field
-    mailboxes: tuple[Mailbox, ...] = ()  # reply fields only
+    # Reply fields only: (position, formatted mailbox) of the mailboxes every copy keeps, and of the
+    # protected ones by key, so each copy's field is assembled without re-reading the whole list.
+    kept_by_all: tuple[tuple[int, str], ...]
+    protected_items: Mapping[str, list[tuple[int, str]]]
 
 
 def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: bytes) -> bytes:
@@ -92,10 +97,13 @@ def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: 
 def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str], eol: bytes) -> bytes | None:
     if not facts.mentions - may_show:
         return facts.field.raw
-    kept = [m for m in facts.mailboxes if m.key not in facts.mentions or m.key in may_show]
+    kept = list(facts.kept_by_all)
+    for key in may_show:
+        for item in facts.protected_items.get(key, ()):
+            bisect.insort(kept, item)
     if not kept:
         return None
-    return fold_field(facts.field.name, [format_mailbox(m) for m in kept], eol)
+    return fold_field(facts.field.name, [text for _, text in kept], eol)
 
 
 def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset[str]) -> Mailbox:
@@ -114,15 +122,25 @@ def _without_tag(field: HeaderField, tag: str) -> bytes:
 
 def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFacts]:
     facts = []
-    for field in message.fields:
-        mentions: frozenset[str] = frozenset()
-        mailboxes: tuple[Mailbox, ...] = ()
-        if field.key in REPLY_FIELDS:
-            mailboxes = tuple(parse_address_list(field.value))
-            mentions = frozenset(({m.key for m in mailboxes} | mentioned_addresses(field.value)) & protected)
-        elif field.key in TRACE_FIELDS:
-            mentions = frozenset(mentioned_addresses(field.value) & protected)
-        facts.append(_FieldFacts(field, mentions, mailboxes))
+    for header in message.fields:
+        if header.key in REPLY_FIELDS:
+            kept_by_all: list[tuple[int, str]] = []
+            protected_items: dict[str, list[tuple[int, str]]] = {}
+            keys = set()
+            for position, mailbox in enumerate(parse_address_list(header.value)):
+                key = mailbox.key
+                keys.add(key)
+                item = (position, format_mailbox(mailbox))
+                if key in protected:
+                    protected_items.setdefault(key, []).append(item)
+                else:
+                    kept_by_all.append(item)
+            mentions = frozenset((keys | mentioned_addresses(header.value)) & protected)
+            facts.append(_FieldFacts(header, mentions, tuple(kept_by_all), protected_items))
+        elif header.key in TRACE_FIELDS:
+            facts.append(_FieldFacts(header, frozenset(mentioned_addresses(header.value) & protected), (), {}))
+        else:
+            facts.append(_FieldFacts(header, frozenset(), (), {}))
     return facts
 
 
