@@ -47,7 +47,8 @@ def validate_envelope_address(address: str, *, smtputf8: bool) -> str:
 
 def normalize_domain(domain: str) -> str:
     """The domain in lower-case Unicode form, so punycode and Unicode spellings compare equal."""
-    domain = domain.strip().rstrip(".")
+    # Lower case first: the idna codec only recognises a lower-case "xn--" prefix.
+    domain = domain.strip().rstrip(".").lower()
     try:
         return domain.encode("idna").decode("idna").lower()
     except UnicodeError:
