@@ -294,4 +294,5 @@ def format_mailbox(mailbox: Mailbox) -> str:
 def fold_field(name: str, items: list[str], line_ending: bytes) -> bytes:
     """A header field listing items, one per line when there are several, as bytes."""
     separator = "," + line_ending.decode("ascii") + " "
-    return f"{name}: {separator.join(items)}".encode() + line_ending
+    # surrogateescape: 8-bit header bytes that were not UTF-8 go back out exactly as they came.
+    return f"{name}: {separator.join(items)}".encode("utf-8", "surrogateescape") + line_ending

@@ -38,12 +38,19 @@ TRACE_FIELDS = frozenset(
         "x-apparently-to",
         "original-recipient",
         "final-recipient",
+        "return-path",
     }
 )
+# Delivery fields vendors add under their own names (X-MDaemon-Deliver-To, X-Gm-Original-To, ...).
+TRACE_SUFFIXES = ("deliver-to", "delivered-to", "original-to", "envelope-to", "rcpt-to")
 # A signature over the headers we change would fail at the receiver; the provider signs anew.
 SIGNATURE_FIELDS = frozenset({"dkim-signature"})
 UNDISCLOSED = "undisclosed-recipients:;"
 _TRAILING_SPACE = re.compile(rb"[ \t]+(\r?\n)$")
+
+
+def is_trace_field(key: str) -> bool:
+    return key in TRACE_FIELDS or key.endswith(TRACE_SUFFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +98,8 @@ def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: 
     # Name the recipient only when the copy has exactly one: a list would expose them.
     if len(recipients) == 1:
         text += f"{eol}\tfor <{recipients[0]}>"
-    return f"{text}; {trace.date}{eol}".encode()
+    # surrogateescape: an address read from 8-bit header bytes goes back out as those same bytes.
+    return f"{text}; {trace.date}{eol}".encode("utf-8", "surrogateescape")
 
 
 def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str], eol: bytes) -> bytes | None:
@@ -137,7 +145,7 @@ def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFact
                     kept_by_all.append(item)
             mentions = frozenset((keys | mentioned_addresses(header.value)) & protected)
             facts.append(_FieldFacts(header, mentions, tuple(kept_by_all), protected_items))
-        elif header.key in TRACE_FIELDS:
+        elif is_trace_field(header.key):
             facts.append(_FieldFacts(header, frozenset(mentioned_addresses(header.value) & protected), (), {}))
         else:
             facts.append(_FieldFacts(header, frozenset(), (), {}))
@@ -185,7 +193,7 @@ def _rewritten_headers(
             kept = _filtered_reply_field(fact, plan.may_show, eol)
             if kept is not None:
                 out.append(kept)
-        elif key in TRACE_FIELDS:
+        elif is_trace_field(key):
             if not fact.mentions - plan.may_show:
                 out.append(field.raw)
         else:

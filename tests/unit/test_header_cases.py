@@ -203,6 +203,8 @@ def test_trace_fields_naming_other_recipients_are_dropped() -> None:
         f"Received: from a by b for <{BOB}>; Wed, 25 Nov 2026 04:00:00 +0000",
         f"Delivered-To: {BOB}",
         f"X-Original-To: {BOB}",
+        f"Return-Path: <{BOB}>",
+        f"X-MDaemon-Deliver-To: {BOB}",
         f"From: {SENDER}",
         f"To: {ANN}, {BOB}",
     )
