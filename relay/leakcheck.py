@@ -164,8 +164,3 @@ class LeakChecker:
                         return Leak(name, min(leaked))
                     at = form.find("@", at + 1)
         return None
-
-
-def find_leak(header_bytes: bytes, hidden: frozenset[str]) -> Leak | None:
-    """The first of the hidden addresses found in the header bytes, with the field it is in, or None."""
-    return LeakChecker(hidden).find(header_bytes, frozenset())
