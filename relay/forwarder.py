@@ -127,7 +127,7 @@ class UpstreamPool:
         outcome = SendOutcome()
         needs_utf8 = needs_smtputf8(mail_from, copy, smtputf8)
         if needs_utf8 and not client.supports_extension("smtputf8"):
-            # Downgrading would mean rewriting addresses or headers; refuse instead (RFC 6531 3.2).
+            # RFC 6531: without SMTPUTF8 at the server, return or reject; downgrading would alter the message.
             reply = UpstreamReply(
                 550,
                 "5.6.7",
