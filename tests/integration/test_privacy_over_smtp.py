@@ -8,6 +8,7 @@ import smtplib
 
 import pytest
 from aiosmtpd.smtp import SMTP
+from structlog.testing import capture_logs
 
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler, Upstream
 
@@ -73,3 +74,24 @@ def test_the_relay_keeps_serving_after_broken_input(start_relay, upstream: Upstr
         good = f"From: coach@coaching.test\r\nTo: {ANN}, {BOB}\r\n\r\nHi\r\n".encode()
         assert client.sendmail("coach@coaching.test", [ANN, BOB], good) == {}
     assert len(upstream.messages) == 2
+
+
+def test_every_override_is_logged_and_the_tag_removed(start_relay, upstream: Upstream) -> None:
+    relay = start_relay(upstream, RELAY_POLICY_OVERRIDE_TAG="[visible]")
+    data = f"From: coach@coaching.test\r\nTo: {ANN}, {BOB}\r\nSubject: [visible] Ann, meet Bob\r\n\r\nHi\r\n".encode()
+    with capture_logs() as events, smtplib.SMTP(relay.host, relay.port) as client:
+        client.sendmail("coach@coaching.test", [ANN, BOB], data)
+    [message] = upstream.messages
+    assert message.rcpt_tos == [ANN, BOB]
+    assert b"Subject: Ann, meet Bob\r\n" in message.data
+    [override] = [e for e in events if e["event"] == "policy.override"]
+    assert override["tag"] == "[visible]" and override["exposed_fields"] == ["To"]
+
+
+def test_a_leak_is_logged_as_a_policy_failure_with_its_header(start_relay, upstream: Upstream) -> None:
+    relay = start_relay(upstream)
+    data = f"From: coach@coaching.test\r\nTo: {ANN}, {BOB}\r\nX-Note: cc {BOB}\r\n\r\nHi\r\n".encode()
+    with capture_logs() as events, smtplib.SMTP(relay.host, relay.port) as client, pytest.raises(smtplib.SMTPDataError):
+        client.sendmail("coach@coaching.test", [ANN, BOB], data)
+    [failure] = [e for e in events if e["event"] == "policy.failure"]
+    assert failure["header"] == "X-Note" and failure["leaked"] == BOB
