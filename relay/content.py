@@ -42,27 +42,34 @@ class _ContentType:
     parameters: dict[str, str]
 
 
-def _content_type(fields: tuple[HeaderField, ...]) -> _ContentType:
-    value = next((f.value for f in fields if f.key == "content-type"), "text/plain")[:MAX_CONTENT_TYPE]
-    mime_type, _, rest = value.partition(";")
+def _parameters(value: str) -> dict[str, str]:
     parameters = {}
-    for match in _PARAMETER.finditer(";" + rest):
+    for match in _PARAMETER.finditer(";" + value[:MAX_CONTENT_TYPE].partition(";")[2]):
         raw = match.group(2).strip()
         if raw.startswith('"') and raw.endswith('"') and len(raw) > 1:
             raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
         parameters[match.group(1).lower()] = raw
-    return _ContentType(mime_type.strip().lower(), parameters)
+    return parameters
 
 
-def _filename(fields: tuple[HeaderField, ...], content_type: _ContentType) -> str:
-    disposition = next((f.value for f in fields if f.key == "content-disposition"), "")[:MAX_CONTENT_TYPE]
-    names = [content_type.parameters.get("name", "")]
-    names += [m.group(2).strip('"') for m in _PARAMETER.finditer(disposition) if m.group(1).lower() == "filename"]
-    return " ".join(names).lower()
+def _first(fields: tuple[HeaderField, ...], key: str, default: str = "") -> str:
+    return next((f.value for f in fields if f.key == key), default)
+
+
+def _content_type(fields: tuple[HeaderField, ...]) -> _ContentType:
+    value = _first(fields, "content-type", "text/plain")
+    return _ContentType(value.partition(";")[0].strip().lower(), _parameters(value))
+
+
+def _file_names(fields: tuple[HeaderField, ...], content_type: _ContentType) -> list[str]:
+    """The part's file names, from Content-Type name and Content-Disposition filename (RFC 2231 forms too)."""
+    disposition = _parameters(_first(fields, "content-disposition"))
+    candidates = [*content_type.parameters.items(), *disposition.items()]
+    return [value.lower() for key, value in candidates if key.rstrip("*") in ("name", "filename")]
 
 
 def _decoded(data: bytes, fields: tuple[HeaderField, ...]) -> bytes:
-    encoding = next((f.value for f in fields if f.key == "content-transfer-encoding"), "").lower()
+    encoding = _first(fields, "content-transfer-encoding").lower()
     try:
         if encoding == "base64":
             return binascii.a2b_base64(data)
@@ -130,10 +137,10 @@ def _part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField,
 
 def _scan(body: bytes, start: int, end: int, fields: tuple[HeaderField, ...], depth: int, found: _Found) -> None:
     content_type = _content_type(fields)
-    filename = _filename(fields, content_type)
-    if content_type.mime_type in TNEF_TYPES or "winmail.dat" in filename:
+    names = _file_names(fields, content_type)
+    if content_type.mime_type in TNEF_TYPES or any(name.endswith("winmail.dat") for name in names):
         found.tnef = True
-    elif content_type.mime_type in CALENDAR_TYPES or filename.endswith((".ics", ".vcs")):
+    elif content_type.mime_type in CALENDAR_TYPES or any(name.endswith((".ics", ".vcs")) for name in names):
         found.attendees |= _attendees(_decoded(body[start:end], fields))
     elif content_type.mime_type.startswith("multipart/") and depth < MAX_DEPTH:
         boundary = content_type.parameters.get("boundary")

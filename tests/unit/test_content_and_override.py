@@ -139,3 +139,31 @@ def test_override_is_off_by_default_and_a_blank_tag_is_refused() -> None:
     assert PolicyConfig().override_tag is None
     with pytest.raises(ValidationError, match="override_tag"):
         PolicyConfig(override_tag="  ")
+
+
+@pytest.mark.parametrize(
+    "part_headers",
+    [
+        b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename*=utf-8''WINMAIL.DAT",
+        b'Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="winmail.dat"',
+    ],
+)
+def test_winmail_dat_is_recognised_by_its_file_name(part_headers: bytes) -> None:
+    data = message(
+        f"From: {SENDER}",
+        f"To: {ANN}",
+        'Content-Type: multipart/mixed; boundary="b"',
+        body=b"--b\r\n" + part_headers + b"\r\n\r\nxx\r\n--b--\r\n",
+    )
+    assert scan_content(parse_message(data)).has_tnef
+
+
+def test_an_ics_attachment_is_read_as_a_calendar() -> None:
+    data = message(
+        f"From: {SENDER}",
+        f"To: {ANN}",
+        'Content-Type: multipart/mixed; boundary="b"',
+        body=b"--b\r\nContent-Type: application/octet-stream; name=invite.ics\r\n\r\n"
+        b"BEGIN:VCALENDAR\r\nATTENDEE:mailto:bob@two.test\r\nEND:VCALENDAR\r\n--b--\r\n",
+    )
+    assert scan_content(parse_message(data)).calendar_attendees == {BOB}
