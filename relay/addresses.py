@@ -149,8 +149,40 @@ def _tokens(text: str) -> list[_Token]:
     return tokens
 
 
-def _addresses_around_at(tokens: list[_Token]) -> list[str]:
-    """Every local@domain in tokens: the words directly before and after each @ (CFWS around @ allowed)."""
+def _run(tokens: list[_Token], start: int, step: int, kinds: tuple[str, ...], spaced: bool) -> list[str]:
+    """The texts of the adjacent words from start on in direction step.
+
+    With spaced, space next to a dot is crossed too: the obsolete syntax of RFC 5322 4.4 allows
+    `one . example` for one.example, and some mail programs read it that way.
+    """
+    texts: list[str] = []
+    position = start
+    while 0 <= position < len(tokens):
+        token = tokens[position]
+        if token.kind in kinds:
+            texts.append(token.text)
+            position += step
+            continue
+        if not spaced or not token.is_blank or not texts:
+            break
+        beyond = position
+        while 0 <= beyond < len(tokens) and tokens[beyond].is_blank:
+            beyond += step
+        if not (0 <= beyond < len(tokens)) or tokens[beyond].kind not in kinds:
+            break
+        outer, inner = (texts[-1], tokens[beyond].text) if step > 0 else (tokens[beyond].text, texts[-1])
+        if not (outer.endswith(".") or inner.startswith(".")):
+            break
+        position = beyond
+    return texts if step > 0 else texts[::-1]
+
+
+def _addresses_around_at(tokens: list[_Token], spacings: tuple[bool, ...] = (True,)) -> list[str]:
+    """Every local@domain in tokens: the words directly before and after each @ (CFWS around @ allowed).
+
+    In an address list, space next to a dot joins words (RFC 5322 4.4); in free text, where
+    "bob@one.test. Next" is a sentence, pass spacings=(False, True) to get both readings.
+    """
     found: list[str] = []
     for index, token in enumerate(tokens):
         if token.kind != "special" or token.text != "@":
@@ -158,19 +190,15 @@ def _addresses_around_at(tokens: list[_Token]) -> list[str]:
         before = index - 1
         while before >= 0 and tokens[before].is_blank:
             before -= 1
-        start = before
-        while start >= 0 and tokens[start].is_word:
-            start -= 1
         after = index + 1
         while after < len(tokens) and tokens[after].is_blank:
             after += 1
-        end = after
-        while end < len(tokens) and tokens[end].kind in ("atom", "literal"):
-            end += 1
-        local = "".join(t.text for t in tokens[start + 1 : before + 1])
-        domain = "".join(t.text for t in tokens[after:end]).rstrip(".")
-        if local and domain:
-            found.append(f"{local}@{domain}")
+        for spaced in spacings:
+            local = "".join(_run(tokens, before, -1, ("atom", "quoted"), spaced))
+            domain = "".join(_run(tokens, after, 1, ("atom", "literal"), spaced)).rstrip(".")
+            address = f"{local}@{domain}"
+            if local and domain and address not in found[-1:]:
+                found.append(address)
     return found
 
 
@@ -259,7 +287,8 @@ def parse_address_list(value: str) -> list[Mailbox]:
 def mentioned_addresses(text: str) -> set[str]:
     """The keys of every address written anywhere in text, inside comments and quotes included."""
     plain = text.translate(_UNWRAP)
-    found = _addresses_around_at(_tokens(text)) + _addresses_around_at(_tokens(plain))
+    both = (False, True)
+    found = _addresses_around_at(_tokens(text), both) + _addresses_around_at(_tokens(plain), both)
     return {normalize_address(address) for address in found}
 
 

@@ -22,6 +22,8 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _BETWEEN_ENCODED_WORDS = re.compile(r"(\?=)\s+(=\?)")
 _PARENTHESIS = re.compile(r"[()\\]")
 _AROUND_AT = re.compile(r"\s*@\s*")
+# RFC 5322's obsolete syntax also allows space around dots: `ann . smith @ one . example`.
+_AROUND_DOT = re.compile(r"\s*\.\s*")
 # A domain as a mail program might read it: IDNA label separators included, or a domain literal.
 _DOMAIN = re.compile(r"\[[^\]]{0,300}\]|[\w.\-\u3002\uff0e\uff61]+")
 # Characters that continue a local part: a hidden local part preceded by one of these is another address.
@@ -109,7 +111,8 @@ def _spellings(value: str) -> set[str]:
         forms.add(_squashed(text))
         if "(" in text:
             forms.add(_squashed(_without_comments(text)))
-    return forms
+    # Both with and without space around dots: "bob@one.test. Next" must still read as bob@one.test.
+    return forms | {_AROUND_DOT.sub(".", form) for form in forms}
 
 
 def _domain_forms(domain: str) -> set[str]:

@@ -24,6 +24,7 @@ from relay.addresses import Mailbox, format_mailbox, mentioned_addresses, normal
         ('"d@e.test" <a@b.test>', ["a@b.test"]),
         ("Ann <a@b.test", ["a@b.test"]),
         ("no address here", []),
+        ("jdoe@test   . example, ann . lee @ one.test", ["jdoe@test.example", "ann.lee@one.test"]),  # obsolete spacing
     ],
 )
 def test_every_address_is_found(value: str, keys: list[str]) -> None:
@@ -39,6 +40,10 @@ def test_display_names_and_groups_are_kept() -> None:
 def test_mentioned_addresses_look_inside_comments_and_quotes() -> None:
     text = 'from x by y (for "ann"@one.test) <b@c.test>; ("bob@two.test")'
     assert mentioned_addresses(text) == {"ann@one.test", "b@c.test", "bob@two.test"}
+
+
+def test_mentioned_addresses_read_free_text_both_ways() -> None:
+    assert {"bob@two.test", "ann@one.test"} <= mentioned_addresses("Write to bob@two.test. Or ann@one. test")
 
 
 def test_normalize_address_is_case_and_idna_insensitive() -> None:

@@ -29,6 +29,8 @@ PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo
         (b"To: jo@B\xc3\x9cCHER.test\r\n", "jo@bücher.test"),
         (b"X-Odd: ann@one\xe3\x80\x82test\r\n", "ann@one.test"),
         (b"no colon ann@one.test\r\n", "ann@one.test"),
+        (b"Reply-To: ann@one . test\r\n", "ann@one.test"),
+        (b"Subject: write to ann@one.test. Thanks\r\n", "ann@one.test"),
     ],
 )
 def test_every_spelling_is_found(header: bytes, address: str) -> None:
