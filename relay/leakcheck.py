@@ -40,7 +40,7 @@ def _fields(header_bytes: bytes) -> list[tuple[str, str]]:
     """(name, unfolded text) of each field; a line that is not a field is reported as its own."""
     text = header_bytes.decode("utf-8", errors="surrogateescape")
     fields: list[tuple[str, list[str]]] = []
-    for line in re.split(r"\r?\n|\r", text):
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if line[:1] in (" ", "\t") and fields:
             fields[-1][1].append(line.strip())
         elif line:
@@ -134,6 +134,7 @@ class LeakChecker:
             for spelling in {domain, ascii_domain}:
                 self._locals.setdefault(spelling, {}).setdefault(len(local), {})[local] = key
         self._domain_cache: dict[str, set[str]] = {}
+        self._keys_by_value: dict[str, frozenset[str]] = {}
 
     def _keys_at(self, form: str, at: int) -> set[str]:
         """The protected keys written as local@domain around the @ at index at."""
@@ -154,16 +155,25 @@ class LeakChecker:
                     found.add(locals_[form[start:at]])
         return found
 
+    def _keys_in(self, value: str) -> frozenset[str]:
+        """Every protected key written in a field value, in any spelling; cached, as copies share fields."""
+        keys = self._keys_by_value.get(value)
+        if keys is None:
+            found: set[str] = set()
+            for form in _spellings(value):
+                at = form.find("@")
+                while at >= 0:
+                    found |= self._keys_at(form, at)
+                    at = form.find("@", at + 1)
+            keys = self._keys_by_value[value] = frozenset(found)
+        return keys
+
     def find(self, header_bytes: bytes, may_show: frozenset[str]) -> Leak | None:
         """The first protected address other than those in may_show found in the header bytes, or None."""
         if self._protected <= may_show:
             return None
         for name, value in _fields(header_bytes):
-            for form in _spellings(value):
-                at = form.find("@")
-                while at >= 0:
-                    leaked = self._keys_at(form, at) - may_show
-                    if leaked:
-                        return Leak(name, min(leaked))
-                    at = form.find("@", at + 1)
+            leaked = self._keys_in(value) - may_show
+            if leaked:
+                return Leak(name, min(leaked))
         return None
