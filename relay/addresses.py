@@ -264,21 +264,22 @@ def parse_address_list(value: str) -> list[Mailbox]:
     mailboxes: list[Mailbox] = []
     group: str | None = None
     segment: list[_Token] = []
-    in_angle = False
+    segment_has_at = in_angle = False
     for token in _tokens(value):
         if token.kind == "special":
             if token.text in "<>":
                 in_angle = token.text == "<"
             elif not in_angle and token.text in ",;":
                 mailboxes.extend(_segment_mailboxes(segment, group))
-                segment = []
+                segment, segment_has_at = [], False
                 if token.text == ";":
                     group = None
                 continue
-            elif not in_angle and token.text == ":" and group is None and not any(t.text == "@" for t in segment):
+            elif not in_angle and token.text == ":" and group is None and not segment_has_at:
                 group = _phrase(segment)
                 segment = []
                 continue
+            segment_has_at = segment_has_at or token.text == "@"
         segment.append(token)
     mailboxes.extend(_segment_mailboxes(segment, group))
     return mailboxes

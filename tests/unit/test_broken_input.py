@@ -89,6 +89,8 @@ def test_a_message_of_headers_only_is_handled() -> None:
         "=?utf-8?q?" * 10_000,
         "[" * 50_000,
         ":" * 50_000,
+        "a@b" + ":" * 50_000,
+        "x. " * 30_000 + "@b",
     ],
 )
 def test_pathological_address_fields_finish(value: str) -> None:
