@@ -106,14 +106,15 @@ def visible_mailboxes(message: ParsedMessage) -> list[tuple[str, Mailbox]]:
     return found
 
 
-def _mentioned_elsewhere(message: ParsedMessage, protected: frozenset[str]) -> list[tuple[str, str]]:
-    """(field key, protected key) for protected addresses written in fields other than To/Cc.
+def _mentioned(message: ParsedMessage, protected: frozenset[str]) -> list[tuple[str, str]]:
+    """(field key, protected key) for protected addresses written anywhere a recipient can read.
 
-    Reply-To, trace fields, even the Subject: whatever stays in a copy is read by its recipient.
+    Display names and comments in To/Cc, Reply-To, trace fields, even the Subject: whatever stays in
+    a copy is read by its recipient.
     """
     found: list[tuple[str, str]] = []
     for header in message.fields:
-        if header.key in VISIBLE_FIELDS or header.key in REMOVED_FIELDS or "@" not in header.value:
+        if header.key in REMOVED_FIELDS or "@" not in header.value:
             continue
         found.extend((header.key, key) for key in mentioned_addresses(header.value) & protected)
     return found
@@ -161,7 +162,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     candidate_keys = set(recipient_keys) | {m.key for _, m in visible}
     protected = frozenset(k for k in candidate_keys if is_protected(k))
     exposing = [(name, m.key) for name, m in visible if m.key in protected]
-    exposing += _mentioned_elsewhere(message, protected)
+    exposing += _mentioned(message, protected)
     shown_anywhere = {key for _, key in exposing}
     exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, _ in exposing))
     always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))
@@ -237,7 +238,9 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
         copies.append(CopyPlan(unprotected, "original", leak_checked=False))
     if action is Action.BCC:
         if protected_recipients:
-            copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), "undisclosed"))
+            # A copy to one person may name that person (its Received line does).
+            alone = frozenset(key for _, key in protected_recipients) if len(protected_recipients) == 1 else frozenset()
+            copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), "undisclosed", may_show=alone))
     else:
         shown_by_key: dict[str, Mailbox] = {}
         for _, mailbox in visible:

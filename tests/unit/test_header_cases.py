@@ -256,3 +256,17 @@ def test_reject_mode_tells_the_person_what_to_do() -> None:
         run(data, [ANN, BOB], action="reject")
     assert refused.value.code == 550
     assert "Bcc" in refused.value.text and "To and Cc" in refused.value.text
+
+
+def test_bcc_mode_with_one_protected_recipient_names_it_in_its_received_line() -> None:
+    data = message(f"From: {SENDER}", f"To: {ANN}, {BOB}")
+    [copy] = run(data, [ANN], action="bcc").copies
+    assert f"for <{ANN}>".encode() in copy.headers
+    assert BOB.encode() not in copy.headers
+
+
+def test_an_address_in_a_comment_of_to_counts_as_visible() -> None:
+    data = message(f"From: {SENDER}", f"To: {ANN} (with {BOB})")
+    prepared = run(data, [ANN, BOB])
+    assert prepared.decision.action is Action.SPLIT
+    assert_private(prepared, [ANN, BOB])
