@@ -31,8 +31,10 @@ _UTF8_MAILBOX = re.compile(
 )
 MAX_ADDRESS_LENGTH = 254
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
-# Comment and quote marks turned into spaces, so addresses written inside them stand alone.
-_UNWRAP = str.maketrans({"(": " ", ")": " ", '"': " "})
+# Comment, quote and bracket marks turned into spaces, so addresses written inside them stand alone.
+_UNWRAP = str.maketrans({"(": " ", ")": " ", '"': " ", "[": " ", "]": " "})
+# Characters after which an address starts in a URL or a raw encoded word.
+_URL_PREFIX = re.compile(r"[=?/']")
 
 
 def validate_envelope_address(address: str, *, smtputf8: bool) -> str:
@@ -286,11 +288,19 @@ def parse_address_list(value: str) -> list[Mailbox]:
 
 
 def mentioned_addresses(text: str) -> set[str]:
-    """The keys of every address written anywhere in text, inside comments and quotes included."""
-    plain = text.translate(_UNWRAP)
+    """The keys of every address written anywhere in text: inside comments, quotes and brackets,
+    in RFC 2047 encoded words, and after a URL's `=` or `?` (as in mailto:?to=ann@example.com)."""
+    texts = {text, _decode_display_name(text)}
+    texts |= {t.translate(_UNWRAP) for t in texts}
     both = (False, True)
-    found = _addresses_around_at(_tokens(text), both) + _addresses_around_at(_tokens(plain), both)
-    return {normalize_address(address) for address in found}
+    keys: set[str] = set()
+    for variant in texts:
+        for address in _addresses_around_at(_tokens(variant), both):
+            key = normalize_address(address)
+            keys.add(key)
+            local, _, domain = key.rpartition("@")
+            keys.add(f"{_URL_PREFIX.split(local)[-1]}@{domain}")
+    return keys
 
 
 def _is_valid_unicode(text: str) -> bool:

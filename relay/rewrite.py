@@ -121,6 +121,18 @@ def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset
     return mailbox
 
 
+def _reply_item(mailbox: Mailbox, protected: frozenset[str]) -> str | None:
+    """A reply-field mailbox as written, without a display name naming another protected address;
+    None when even its bare address does (junk such as =?utf-8?q?bob@example.com?=)."""
+    own = {mailbox.key}
+    text = format_mailbox(mailbox)
+    if mentioned_addresses(text) & protected - own:
+        text = mailbox.address
+        if mentioned_addresses(text) & protected - own:
+            return None
+    return text
+
+
 def _without_tag(field: HeaderField, tag: str) -> bytes:
     """The Subject field with every occurrence of the override tag (and one space after it) removed."""
     pattern = re.compile(re.escape(tag.encode("utf-8")) + rb" ?", re.IGNORECASE)
@@ -138,11 +150,13 @@ def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFact
             for position, mailbox in enumerate(parse_address_list(header.value)):
                 key = mailbox.key
                 keys.add(key)
-                item = (position, format_mailbox(mailbox))
+                text = _reply_item(mailbox, protected)
+                if text is None:
+                    continue
                 if key in protected:
-                    protected_items.setdefault(key, []).append(item)
+                    protected_items.setdefault(key, []).append((position, text))
                 else:
-                    kept_by_all.append(item)
+                    kept_by_all.append((position, text))
             mentions = frozenset((keys | mentioned_addresses(header.value)) & protected)
             facts.append(_FieldFacts(header, mentions, tuple(kept_by_all), protected_items))
         elif is_trace_field(header.key):

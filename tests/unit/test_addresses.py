@@ -61,3 +61,8 @@ def test_normalize_address_is_case_and_idna_insensitive() -> None:
 )
 def test_format_mailbox(display_name: str, formatted: str) -> None:
     assert format_mailbox(Mailbox(display_name, "a@b.test")) == formatted
+
+
+def test_mentioned_addresses_decode_encoded_words_and_urls() -> None:
+    assert "bob@two.test" in mentioned_addresses("=?utf-8?q?bob@two.test?= <a@b.test>")
+    assert "c@d.test" in mentioned_addresses("<mailto:?to=c@d.test>, [x c@d.test")

@@ -270,3 +270,10 @@ def test_an_address_in_a_comment_of_to_counts_as_visible() -> None:
     prepared = run(data, [ANN, BOB])
     assert prepared.decision.action is Action.SPLIT
     assert_private(prepared, [ANN, BOB])
+
+
+def test_an_encoded_display_name_in_reply_to_naming_another_recipient_is_filtered() -> None:
+    data = message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Reply-To: =?utf-8?q?{BOB}?= <{SENDER}>")
+    prepared = run(data, [ANN, BOB])
+    assert addresses_in(copy_for(prepared, ANN), "Reply-To") == [SENDER]
+    assert BOB.encode() not in copy_for(prepared, ANN).headers
