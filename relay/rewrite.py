@@ -126,9 +126,9 @@ def _reply_item(mailbox: Mailbox, protected: frozenset[str]) -> str | None:
     None when even its bare address does (junk such as =?utf-8?q?bob@example.com?=)."""
     own = {mailbox.key}
     text = format_mailbox(mailbox)
-    if mentioned_addresses(text) & protected - own:
+    if (mentioned_addresses(text) & protected) - own:
         text = mailbox.address
-        if mentioned_addresses(text) & protected - own:
+        if (mentioned_addresses(text) & protected) - own:
             return None
     return text
 
