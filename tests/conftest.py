@@ -60,6 +60,8 @@ class RecordingHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     mail_reply: str | None = None
     data_reply: str | None = None
+    # SMTP connections the upstream has accepted, to check that the relay reuses them.
+    connections: int = 0
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -136,6 +138,7 @@ class UpstreamFactory:
             return AuthResult(success=False, handled=False)
 
         def protocol() -> SMTP:
+            handler.connections += 1
             return SMTP(
                 handler,
                 enable_SMTPUTF8=True,
