@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, AnyStr, Protocol
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -197,3 +197,12 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if not self._refused:
             super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        # aiosmtpd refuses over-size mail (at MAIL SIZE= and during DATA) with "552 Error: ..." texts
+        # that do not say what the limit is: say it, with the RFC 3463 code for "message too big".
+        if isinstance(status, str) and status.startswith("552 Error:"):
+            limit = self.data_size_limit
+            await super().push(f"552 5.3.4 Message too big: this relay takes at most {limit} bytes per message")
+            return
+        await super().push(status)

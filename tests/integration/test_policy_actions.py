@@ -33,7 +33,7 @@ EVERYONE = [*VISIBLE, "fay@six.test"]
 
 
 def send(relay, message: bytes, recipients: list[str], sender: str = SENDER) -> dict:
-    with smtplib.SMTP(relay.host, relay.port) as client:
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
         return client.sendmail(sender, recipients, message, mail_options=["BODY=8BITMIME"])
 
 

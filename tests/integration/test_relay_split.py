@@ -21,7 +21,7 @@ RECIPIENTS = ["ann@one.test", "bob@two.test", "cy@three.test", "dee@four.test", 
 
 def test_three_to_and_two_cc_become_five_private_copies(start_relay, upstream: Upstream) -> None:
     relay = start_relay(upstream)
-    with smtplib.SMTP(relay.host, relay.port) as client:
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
         refused = client.sendmail("coach@coaching.test", RECIPIENTS, INVITATION)
     assert refused == {}
     assert len(upstream.messages) == 5

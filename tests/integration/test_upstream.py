@@ -22,7 +22,7 @@ CREDENTIALS = ("relay-user", "correct horse battery staple")
 
 
 def send(relay) -> dict:
-    with smtplib.SMTP(relay.host, relay.port) as client:
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
         return client.sendmail(SENDER, RECIPIENTS, MESSAGE)
 
 
