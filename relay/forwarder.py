@@ -194,6 +194,8 @@ async def probe_upstream(config: UpstreamConfig, password: str | None, local_hos
         steps.append(ProbeStep(current, True, f"{where} answered ({detail}): {greeting.code}"))
         if config.tls == "starttls":
             current = "starttls"
+            # connect() without start_tls sends no EHLO, and only EHLO's reply lists STARTTLS.
+            await client.ehlo()
             if not client.supports_extension("starttls"):
                 steps.append(ProbeStep(current, False, f"{where} does not offer STARTTLS"))
                 client.close()
