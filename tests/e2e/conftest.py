@@ -1,0 +1,150 @@
+"""End-to-end fixtures: `privacy-relay serve` as a real subprocess, and swaks as the mail client.
+
+The relay listens on port 0 and its JSON start-up log line says which port it got, so no test ever
+races another process for a "free" port. Set PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1 (as .ci/run does)
+to make a missing swaks a failure instead of a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LoopThread
+
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("privacy-relay"))
+# How long a relay may take to start or stop before the test fails instead of hanging.
+PROCESS_DEADLINE = 30
+
+
+@dataclass
+class ServedRelay:
+    process: subprocess.Popen[bytes]
+    port: int
+    cwd: Path
+    log_path: Path
+
+    def log_events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def _started_port(log_path: Path) -> int | None:
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "relay.started":
+                return int(str(event["listen"]).rpartition(":")[2])
+    return None
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], log_path: Path) -> int:
+    deadline = time.monotonic() + PROCESS_DEADLINE
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"privacy-relay serve exited with {process.returncode}:\n{log_path.read_text()}")
+        port = _started_port(log_path)
+        if port is not None:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return port
+        time.sleep(0.05)
+    pytest.fail(f"privacy-relay serve did not start listening:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def serve_relay(tmp_path: Path, loops: LoopThread) -> Iterator[Callable[..., ServedRelay]]:
+    """serve_relay(RELAY_POLICY_ACTION="bcc", ...) -> a running `privacy-relay serve`; stopped with
+    SIGTERM after the test, which must make it exit 0.
+
+    It depends on `loops` so that the upstreams' event loop still runs while the relay stops: the
+    relay says QUIT on its pooled upstream connections on the way out."""
+    started: list[ServedRelay] = []
+
+    def start(cwd: Path | None = None, **settings: str) -> ServedRelay:
+        cwd = cwd or tmp_path
+        environ = {name: value for name, value in os.environ.items() if not name.startswith("RELAY_")}
+        environ.update(
+            {
+                "RELAY_LISTEN_PORT": "0",
+                "RELAY_LOGGING_FORMAT": "json",
+                "RELAY_DELIVERY_MODE": "direct",
+                **settings,
+            }
+        )
+        log_path = tmp_path / f"relay-{len(started)}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [CONSOLE_SCRIPT, "serve"], cwd=cwd, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        relay = ServedRelay(process, 0, cwd, log_path)
+        started.append(relay)
+        relay.port = _wait_until_serving(process, log_path)
+        return relay
+
+    yield start
+    for relay in started:
+        if relay.process.poll() is None:
+            relay.process.send_signal(signal.SIGTERM)
+        try:
+            returncode = relay.process.wait(PROCESS_DEADLINE)
+        except subprocess.TimeoutExpired:
+            relay.process.kill()
+            relay.process.wait()
+            pytest.fail(f"privacy-relay serve ignored SIGTERM:\n{relay.log_path.read_text()}")
+        assert returncode == 0, relay.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def swaks_path() -> str:
+    path = shutil.which("swaks")
+    if path is None:
+        if os.environ.get("PRIVACY_RELAY_TESTS_REQUIRE_SWAKS") == "1":
+            pytest.fail("swaks is not installed (apt-get install swaks), and PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1")
+        pytest.skip("swaks is not installed (apt-get install swaks)")
+    return path
+
+
+@pytest.fixture
+def swaks(swaks_path: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """swaks(relay, sender, recipients, message_bytes) -> the finished swaks run (output in .stdout)."""
+
+    def send(
+        relay: ServedRelay, sender: str, recipients: list[str], message: bytes
+    ) -> subprocess.CompletedProcess[str]:
+        message_path = tmp_path / "message.eml"
+        # swaks ends DATA with CRLF . CRLF itself: the file's own last line break would become body.
+        message_path.write_bytes(message.removesuffix(b"\r\n"))
+        return subprocess.run(
+            [
+                swaks_path,
+                "--server",
+                f"127.0.0.1:{relay.port}",
+                "--helo",
+                "client.test",
+                "--from",
+                sender,
+                "--to",
+                ",".join(recipients),
+                "--data",
+                f"@{message_path}",
+                "--timeout",
+                "20",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return send
