@@ -189,3 +189,22 @@ def test_upstream_connections_are_reused_across_messages(start_relay, upstream: 
 
     assert len(upstream.messages) == 9
     assert upstream.handler.connections == 2
+
+
+def test_8bit_and_smtputf8_mail_keeps_its_mail_parameters(start_relay, upstream: Upstream) -> None:
+    relay = start_relay(upstream, RELAY_DELIVERY_MODE="direct")
+    message = "From: coach@coaching.test\r\nTo: jörg@münchen.test, ann@one.test\r\nSubject: Grüße\r\n\r\nGrüße\r\n"
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        refused = client.sendmail(
+            "coach@coaching.test",
+            ["jörg@münchen.test", "ann@one.test"],
+            message.encode(),
+            mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+        )
+
+    assert refused == {}
+    assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == ["ann@one.test", "jörg@münchen.test"]
+    for received in upstream.messages:
+        assert "SMTPUTF8" in received.mail_options
+        assert "BODY=8BITMIME" in received.mail_options
+        assert received.data.endswith("\r\n\r\nGrüße\r\n".encode())
