@@ -104,11 +104,14 @@ class DeliveryReport:
         replies = list(self.failures.values())
         temporary = [r for r in replies if not r.is_permanent]
         chosen = temporary[0] if temporary else replies[0]
+        # The upstream's 421 closed the upstream's session; passed on, it would tell the client that
+        # the relay is closing this one (RFC 5321 3.8), so clients would drop it mid-session.
+        code = 451 if chosen.code == 421 else chosen.code
         failed = ", ".join(self.failures)
         text = f"{chosen.text} (not delivered to: {failed}"
         if self.delivered_recipients:
             text += f"; {self.delivered_recipients} other recipient(s) already received it"
-        return f"{chosen.code} {chosen.enhanced} {' '.join((text + ')').split())}"
+        return f"{code} {chosen.enhanced} {' '.join((text + ')').split())}"
 
 
 class DirectDelivery:

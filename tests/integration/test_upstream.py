@@ -208,3 +208,15 @@ def test_8bit_and_smtputf8_mail_keeps_its_mail_parameters(start_relay, upstream:
         assert "SMTPUTF8" in received.mail_options
         assert "BODY=8BITMIME" in received.mail_options
         assert received.data.endswith("\r\n\r\nGrüße\r\n".encode())
+
+
+def test_upstream_421_becomes_451_and_the_client_session_stays_open(start_relay, upstream: Upstream) -> None:
+    upstream.handler.mail_reply = "421 4.7.0 Try again later, closing connection"
+    relay = start_relay(upstream, RELAY_DELIVERY_MODE="direct")
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail(SENDER, RECIPIENTS, MESSAGE)
+        # 421 would tell the client that the relay is closing the session (RFC 5321 3.8); it is not.
+        assert refused.value.smtp_code == 451
+        assert refused.value.smtp_error.decode().startswith("4.7.0 Try again later, closing connection")
+        assert client.noop()[0] == 250
