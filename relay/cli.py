@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import socket
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,17 @@ from relay.message import parse_message
 from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Envelope
 from relay.rewrite import TraceInfo
+from relay.users import (
+    Account,
+    UsersFileError,
+    check_address,
+    check_name,
+    check_new_password,
+    hash_password,
+    load_accounts,
+    load_accounts_or_empty,
+    save_accounts,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +73,35 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="envelope recipient, repeatable (default: the addresses in To, Cc and Bcc)",
     )
+    user = commands.add_parser(
+        "user",
+        help="manage the accounts clients log in with (listen.users_file)",
+        description="Add, remove and list the accounts for client AUTH, kept in listen.users_file.",
+    )
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    add = user_commands.add_parser(
+        "add",
+        help="add a user, or replace their password and addresses",
+        description="Add a user, or replace an existing user's password and addresses. The password is read "
+        "from standard input when it is not a terminal (echo ... | privacy-relay user add NAME), else asked "
+        "for twice. Only an argon2id hash is stored.",
+    )
+    add.add_argument("name", metavar="NAME", help="the user name mail programs log in with")
+    add.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an address this user may send as, repeatable; without any, the user may send as any address",
+    )
+    config_option(add)
+    remove = user_commands.add_parser("remove", help="remove a user", description="Remove a user.")
+    remove.add_argument("name", metavar="NAME")
+    config_option(remove)
+    listing = user_commands.add_parser(
+        "list", help="list users and their addresses", description="List users and the addresses they may use."
+    )
+    config_option(listing)
     return parser
 
 
@@ -68,7 +109,64 @@ def _serve(config: Config) -> int:
     from relay.server import run
 
     configure_logging(config.logging)
-    return run(config)
+    try:
+        return run(config)
+    except ConfigError as exc:
+        print(f"privacy-relay: {exc}", file=sys.stderr)
+        return 2
+
+
+def _read_new_password() -> str:
+    """From standard input when it is not a terminal (like `docker login --password-stdin`), else asked twice."""
+    if not sys.stdin.isatty():
+        return sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Password again: ") != password:
+        raise UsersFileError("the two passwords differ; nothing was changed")
+    return password
+
+
+def _describe_senders(account: Account) -> str:
+    if account.may_send_as_anyone:
+        return "may send as any address (no --address given)"
+    return "may send as " + ", ".join(account.addresses)
+
+
+def _user(config: Config, args: argparse.Namespace) -> int:
+    path = config.listen.users_file
+    try:
+        if args.user_command == "list":
+            if not path.exists():
+                print(f"no users yet ({path} does not exist)")
+                return 0
+            accounts = load_accounts(path)
+            for account in sorted(accounts.by_name.values(), key=lambda a: a.name):
+                print(f"{account.name}: {_describe_senders(account)}")
+            if not accounts.by_name:
+                print(f"no users in {path}")
+            return 0
+        name = check_name(args.name)
+        if args.user_command == "remove":
+            accounts = load_accounts(path)
+            if name not in accounts.by_name:
+                print(f"privacy-relay: there is no user {name!r} in {path}", file=sys.stderr)
+                return 1
+            save_accounts(path, accounts.without(name))
+            print(f"removed user {name} from {path}")
+            return 0
+        addresses = tuple(check_address(address) for address in args.address)
+        accounts = load_accounts_or_empty(path)
+        password = check_new_password(_read_new_password())
+        account = Account(name, hash_password(password), addresses)
+        replaced = name in accounts.by_name
+        save_accounts(path, accounts.with_account(account))
+    except UsersFileError as exc:
+        print(f"privacy-relay: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'updated' if replaced else 'added'} user {name} in {path}: {_describe_senders(account)}")
+    if config.listen.auth == "none":
+        print("note: listen.auth is none, so the relay does not let clients log in yet", file=sys.stderr)
+    return 0
 
 
 def _check(config: Config, source: str) -> int:
@@ -143,4 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(config)
     if args.command == "check":
         return _check(config, source)
+    if args.command == "user":
+        return _user(config, args)
     return _preview(config, args.file, args.mail_from, args.rcpt)

@@ -34,6 +34,22 @@ class ListenConfig(_Section):
     max_message_size: int = Field(default=52_428_800, ge=1024)
     max_recipients: int = Field(default=1000, ge=1)
     allowed_networks: tuple[str, ...] = ()
+    # TLS offered to clients: STARTTLS on the plain port, or TLS from the first byte (port 465 style).
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Client AUTH PLAIN/LOGIN against users_file; `required` refuses MAIL before AUTH.
+    auth: Literal["none", "optional", "required"] = "none"
+    users_file: Path = Path("./users.yaml")
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=20, ge=1)
+    # Failed logins per client address within 10 minutes before AUTH is refused for 10 minutes.
+    max_auth_failures: int = Field(default=5, ge=1)
+    # Seconds a client may take to send one command, or sit idle (Postfix's smtpd_timeout).
+    command_timeout: float = Field(default=300, gt=0)
+    # Bytes per second a client must keep up while sending a message: the DATA deadline is
+    # command_timeout plus size / min_data_rate (Postfix's smtpd_min_data_rate).
+    min_data_rate: int = Field(default=500, ge=1)
 
     @model_validator(mode="after")
     def _networks_parse(self) -> ListenConfig:
@@ -42,6 +58,14 @@ class ListenConfig(_Section):
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 raise ValueError(f"allowed_networks: {network!r} is not a CIDR network") from exc
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_certificate(self) -> ListenConfig:
+        if self.tls != "none" and (self.cert_file is None or self.key_file is None):
+            raise ValueError(
+                f"tls is {self.tls!r}, so cert_file and key_file must both be set (PEM certificate chain and key)"
+            )
         return self
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -246,12 +270,20 @@ def is_loopback_host(host: str) -> bool:
 
 
 def check_listen_safety(listen: ListenConfig) -> None:
-    """Refuse to become an open relay: a non-loopback bind needs allowed_networks."""
-    if not listen.allowed_networks and not is_loopback_host(listen.host):
+    """Refuse to become an open relay: a non-loopback bind needs allowed_networks or required AUTH."""
+    if is_loopback_host(listen.host):
+        return
+    if not listen.allowed_networks and listen.auth != "required":
         raise ConfigError(
             f"listen.host is {listen.host!r}, which other machines can reach, but "
-            "listen.allowed_networks is empty. That would make an open relay anyone could use "
-            "to send mail in your name. Set listen.allowed_networks (for example "
+            "listen.allowed_networks is empty and listen.auth is not required. That would make an open "
+            "relay anyone could use to send mail in your name. Set listen.allowed_networks (for example "
             "[192.168.1.0/24], or RELAY_LISTEN_ALLOWED_NETWORKS=172.16.0.0/12 in a container), "
-            "or listen on 127.0.0.1."
+            "or set listen.auth: required, or listen on 127.0.0.1."
+        )
+    if listen.auth == "required" and listen.tls == "none":
+        raise ConfigError(
+            f"listen.auth is required but listen.tls is none: clients on other machines than {listen.host!r} "
+            "itself could never log in, because passwords are only accepted over TLS or from loopback. "
+            "Set listen.tls: starttls with listen.cert_file and listen.key_file."
         )

@@ -1,30 +1,38 @@
 """The aiosmtpd side: SMTP in, a checked list of copies out to a Delivery, and the reply back.
 
-No policy logic lives here: the hooks translate SMTP into calls on relay.pipeline and the delivery,
-and their results (or SmtpReply errors) back into replies.
+No policy logic lives here: the hooks translate SMTP into calls on relay.pipeline, relay.auth and the
+delivery, and their results (or SmtpReply errors) back into replies. RelaySMTP adds what aiosmtpd
+lacks at the connection level: who may connect, how many at once, and how long a client may dawdle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import ipaddress
+import re
 import secrets
 import time
+from base64 import b64decode
+from collections import Counter
 from collections.abc import Sequence
 from email.utils import formatdate
 from typing import Any, AnyStr, Protocol
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.addresses import validate_envelope_address
+from relay.auth import Authenticator, from_header_refusal, sender_refusal
 from relay.config import Config
 from relay.delivery import DeliveryReport
 from relay.errors import SmtpReply
+from relay.message import parse_message
 from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
+from relay.users import Account
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -39,26 +47,106 @@ def new_queue_id() -> str:
     return secrets.token_hex(6).upper()
 
 
-def peer_allowed(peer: Any, networks: Sequence[IpNetwork]) -> bool:
-    if not networks:
-        return True
+def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's IP address from a peername, IPv4-mapped IPv6 addresses as plain IPv4."""
     try:
         address = ipaddress.ip_address(peer[0])
     except (TypeError, ValueError, IndexError):
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        return address.ipv4_mapped
+    return address
+
+
+def peer_allowed(peer: Any, networks: Sequence[IpNetwork]) -> bool:
+    if not networks:
+        return True
+    address = peer_ip(peer)
+    return address is not None and any(address in network for network in networks)
+
+
+def client_of(session: Session) -> str:
+    address = peer_ip(session.peer)
+    return str(address) if address is not None else "unknown"
+
+
+_LINE_ENDING = re.compile(rb"\r\n|\n|\r")
+
+
+def crlf_line_endings(data: bytes) -> bytes:
+    """Every line ending as CRLF: bare LF and bare CR become CRLF (the same object if there are none).
+
+    Only <CRLF>.<CRLF> ends DATA here, but a bare <LF>.<LF> or <CR>.<CR> left in a copy could end it
+    at a laxer upstream and smuggle a second message; after this, the relay checks and sends the same
+    lines any upstream will see.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return _LINE_ENDING.sub(b"\r\n", data)
+
+
+class ConnectionSlots:
+    """Open client connections, for listen.max_connections and listen.max_connections_per_ip."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.per_client: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return self.per_client.total()
+
+    def acquire(self, client: str) -> SmtpReply | None:
+        """Take a slot for the client, or the 421 reply that refuses it (others are still served)."""
+        if self.total >= self.max_total:
+            return SmtpReply(421, "4.7.0", "Too many connections to this relay; try again later")
+        if self.per_client[client] >= self.max_per_client:
+            return SmtpReply(421, "4.7.0", f"Too many connections from {client}; try again later")
+        self.per_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+
+
+def _decode_base64(text: str) -> bytes | None:
+    try:
+        return b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+
+
+def _is_encrypted(server: SMTP) -> bool:
+    """True after STARTTLS and on an implicit-TLS port alike (aiosmtpd's session.ssl knows only the former)."""
+    return server.transport is not None and server.transport.get_extra_info("ssl_object") is not None
+
+
+def _logged_in(session: Session) -> Account | None:
+    account = session.auth_data if session.authenticated else None
+    return account if isinstance(account, Account) else None
 
 
 class RelayHandler:
     """aiosmtpd hooks. Holds the config and delivery it was built with."""
 
-    def __init__(self, config: Config, delivery: Delivery, hostname: str) -> None:
+    def __init__(
+        self, config: Config, delivery: Delivery, hostname: str, authenticator: Authenticator | None = None
+    ) -> None:
         self.config = config
         self.delivery = delivery
         self.hostname = hostname
+        self.authenticator = authenticator
         self.log = structlog.get_logger("relay")
+
+    def _may_authenticate(self, server: SMTP, session: Session) -> bool:
+        """Passwords only over TLS, except from this machine itself (RFC 4954 section 4)."""
+        address = peer_ip(session.peer)
+        loopback = address is not None and address.is_loopback
+        return self.authenticator is not None and (_is_encrypted(server) or loopback)
 
     async def handle_EHLO(
         self,
@@ -69,17 +157,82 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        if not self._may_authenticate(server, session):
+            responses = [line for line in responses if not line.startswith("250-AUTH")]
         # aiosmtpd reads pipelined commands correctly but does not say so (RFC 2920).
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> object:
+        """Whether this client may try AUTH now: a refusal reply, or MISSING to run the mechanism."""
+        if self.authenticator is None:
+            return "503 5.5.1 Error: authentication not enabled"
+        if envelope.mail_from is not None:
+            return "503 5.5.1 AUTH is not allowed during a mail transaction (RFC 4954)"
+        if not self._may_authenticate(server, session):
+            return "538 5.7.11 Encryption required for requested authentication mechanism: use STARTTLS first"
+        refusal = self.authenticator.refusal_for(client_of(session))
+        return refusal.render() if refusal is not None else MISSING
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616: [authzid] NUL authcid NUL passwd, as an initial response or after an empty challenge."""
+        if len(args) > 1:
+            response = _decode_base64(args[1])
+            if response is None:
+                await server.push("501 5.5.2 Cannot decode the base64 response")
+                return AuthResult(success=False, handled=True)
+        else:
+            challenged = await server.challenge_auth("")
+            if challenged is MISSING:
+                return AuthResult(success=False, handled=True)
+            response = challenged
+        parts = response.split(b"\x00")
+        # Acting for another user (an authzid that differs) is not something this relay grants.
+        if len(parts) != 3 or parts[0] not in (b"", parts[1]):
+            await server.push("501 5.5.2 Malformed AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """The de facto LOGIN mechanism (draft-murchison-sasl-login): user name, then password."""
+        if len(args) > 1:
+            name = _decode_base64(args[1])
+            if name is None:
+                await server.push("501 5.5.2 Cannot decode the base64 response")
+                return AuthResult(success=False, handled=True)
+        else:
+            challenged = await server.challenge_auth("Username:")
+            if challenged is MISSING:
+                return AuthResult(success=False, handled=True)
+            name = challenged
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, name, password)
+
+    async def _login(self, server: SMTP, name: bytes, password: bytes) -> AuthResult:
+        assert self.authenticator is not None and server.session is not None
+        try:
+            account = await self.authenticator.login(client_of(server.session), name, password)
+        except SmtpReply as refusal:
+            return AuthResult(success=False, handled=False, message=refusal.render())
+        return AuthResult(success=True, auth_data=account)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self.config.listen.auth == "required" and not session.authenticated:
+            return "530 5.7.0 Authentication required"
         if address != "<>":
             try:
                 validate_envelope_address(address, smtputf8=envelope.smtp_utf8)
             except SmtpReply as reply:
                 return reply.render()
+            if self.authenticator is not None:
+                refusal = sender_refusal(
+                    self.authenticator.accounts.current(), _logged_in(session), address, "MAIL FROM"
+                )
+                if refusal is not None:
+                    return refusal.render()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender OK"
@@ -104,20 +257,33 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()
         queue_id = new_queue_id()
-        data = envelope.original_content or b""
+        data = crlf_line_endings(envelope.original_content or b"")
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
+        login = _logged_in(session)
         log = self.log.bind(id=queue_id, client=session.peer[0] if session.peer else None)
         log.info(
             "message.accepted",
             size=len(data),
             mail_from=mail_from,
             recipients=len(envelope.rcpt_tos),
+            user=login.name if login else None,
         )
+        if self.authenticator is not None:
+            try:
+                refusal = from_header_refusal(self.authenticator.accounts.current(), login, parse_message(data))
+            except SmtpReply as malformed:
+                refusal = malformed
+            if refusal is not None:
+                log.info("message.refused", code=refusal.code, reason=refusal.text)
+                return refusal.render()
+        # RFC 3848: S for TLS, A for an authenticated client.
+        protocol = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
+        protocol += ("S" if _is_encrypted(server) else "") + ("A" if login else "")
         trace = TraceInfo(
             helo=session.host_name or "unknown",
             peer=f"[{session.peer[0]}]" if session.peer else "unknown",
             hostname=self.hostname,
-            protocol=("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if session.ssl else ""),
+            protocol=protocol,
             queue_id=queue_id,
             date=formatdate(localtime=True),
         )
@@ -171,32 +337,84 @@ class RelayHandler:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP, refusing connections from outside listen.allowed_networks."""
+    """aiosmtpd's SMTP, with admission (allowed networks, connection limits) and a DATA deadline."""
 
     # Postfix accepts long lines too; many scripts send HTML on one line.
     line_length_limit = 65_536
 
-    def __init__(self, handler: RelayHandler, networks: Sequence[IpNetwork], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(
+        self,
+        handler: RelayHandler,
+        networks: Sequence[IpNetwork],
+        slots: ConnectionSlots,
+        command_timeout: float,
+        min_data_rate: int,
+        **kwargs: Any,
+    ) -> None:
+        # aiosmtpd's own timer restarts at every command: that is the command timeout.
+        super().__init__(handler, timeout=command_timeout, **kwargs)
         self._networks = networks
+        self._slots = slots
+        self._command_timeout = command_timeout
+        self._min_data_rate = min_data_rate
+        self._client: str | None = None
         self._refused = False
+        self._released = False
+        self._data_deadline: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._client is not None:
+            # Called a second time when STARTTLS completes: the client was admitted already.
+            super().connection_made(transport)
+            return
         peer = transport.get_extra_info("peername")
+        client = str(peer_ip(peer) or "unknown")
+        log = structlog.get_logger("relay")
+        refusal: SmtpReply | None = None
         if not peer_allowed(peer, self._networks):
-            structlog.get_logger("relay").warning("connection.refused", client=peer[0] if peer else None)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(
-                b"554 5.7.1 This relay does not accept mail from your address (not in listen.allowed_networks)\r\n"
+            log.warning("connection.refused", client=client)
+            refusal = SmtpReply(
+                554, "5.7.1", "This relay does not accept mail from your address (not in listen.allowed_networks)"
             )
+        else:
+            refusal = self._slots.acquire(client)
+            if refusal is not None:
+                log.warning("connection.over_limit", client=client, open=self._slots.total)
+        if refusal is not None:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refusal.render().encode("ascii") + b"\r\n")
             transport.close()
             self._refused = True
             return
+        self._client = client
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if not self._refused:
-            super().connection_lost(error)
+        if self._refused:
+            return
+        if self._client is not None and not self._released:
+            # Once only: after a failed STARTTLS aiosmtpd may report the loss twice.
+            self._slots.release(self._client)
+            self._released = True
+        super().connection_lost(error)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # Postfix's smtpd_min_data_rate: the deadline grows with every byte received, so a large
+        # message on a slow line gets through while a client dripping a byte at a time does not.
+        self._data_deadline = self.loop.time() + self._command_timeout
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_deadline = None
+            if self.transport is not None:
+                self._reset_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        if self._data_deadline is not None:
+            self._data_deadline += len(data) / self._min_data_rate
+            self._reset_timeout(max(self._data_deadline - self.loop.time(), 0.001))
+        super().data_received(data)
 
     async def push(self, status: AnyStr) -> None:
         # aiosmtpd refuses over-size mail (at MAIL SIZE= and during DATA) with "552 Error: ..." texts

@@ -50,5 +50,6 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # aiosmtpd logs every envelope address at INFO level: keep its chatter out of our logs.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every envelope address at INFO level, and a deprecation WARNING at every
+    # successful AUTH: keep its chatter out of our logs.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

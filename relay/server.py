@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 from typing import Any
 
 import structlog
 
-from relay.config import Config
+from relay.auth import Authenticator, FailedLoginLockout
+from relay.config import Config, ConfigError, ListenConfig
 from relay.delivery import Destination, DirectDelivery, OutboxDestination, UpstreamDestination
 from relay.forwarder import UpstreamPool
-from relay.listener import RelayHandler, RelaySMTP
-
-# RFC 5321 4.5.3.2.7 recommends at least five minutes of server timeout, as Postfix's smtpd_timeout.
-CLIENT_TIMEOUT = 300
+from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
+from relay.users import AccountsFile, UsersFileError, readable_by_others
 
 
 def build_destination(config: Config, hostname: str) -> Destination:
@@ -25,31 +25,81 @@ def build_destination(config: Config, hostname: str) -> Destination:
     return UpstreamDestination(UpstreamPool(config.upstream, password, hostname))
 
 
+def _refuse_encrypted_key() -> str:
+    raise ConfigError("listen.key_file is encrypted with a passphrase; the relay needs an unencrypted key (mode 0600)")
+
+
+def client_tls_context(listen: ListenConfig) -> ssl.SSLContext | None:
+    """The server-side TLS context for clients, or None when listen.tls is none. Raises ConfigError."""
+    if listen.tls == "none":
+        return None
+    assert listen.cert_file is not None and listen.key_file is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(listen.cert_file, listen.key_file, password=_refuse_encrypted_key)
+    except OSError as exc:
+        raise ConfigError(
+            f"listen.cert_file / listen.key_file: cannot read {exc.filename or listen.cert_file}: {exc.strerror}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"listen.cert_file / listen.key_file: {listen.cert_file} and {listen.key_file} are not a PEM "
+            f"certificate chain and its matching private key ({exc.reason or exc})"
+        ) from None
+    return context
+
+
+def build_authenticator(listen: ListenConfig) -> Authenticator | None:
+    if listen.auth == "none":
+        return None
+    try:
+        accounts = AccountsFile(listen.users_file)
+    except UsersFileError as exc:
+        raise ConfigError(f"listen.users_file: {exc}") from None
+    return Authenticator(accounts, FailedLoginLockout(listen.max_auth_failures))
+
+
 class RelayServer:
+    """Raises ConfigError when the TLS certificate or the accounts file cannot be used."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.hostname = socket.gethostname()
+        self.tls_context = client_tls_context(config.listen)
+        self.authenticator = build_authenticator(config.listen)
+        self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
         self.delivery = DirectDelivery(self.destination, config.upstream.max_connections)
-        self.handler = RelayHandler(config, self.delivery, self.hostname)
+        self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> RelaySMTP:
+        listen = self.config.listen
         return RelaySMTP(
             self.handler,
             self.config.listen.networks(),
-            data_size_limit=self.config.listen.max_message_size,
+            self.slots,
+            command_timeout=listen.command_timeout,
+            min_data_rate=listen.min_data_rate,
+            data_size_limit=listen.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=self.hostname,
             ident="privacy-relay",
-            timeout=CLIENT_TIMEOUT,
+            tls_context=self.tls_context if listen.tls == "starttls" else None,
+            # The handler decides per connection: TLS, or a loopback client (see RelayHandler.handle_AUTH).
+            auth_require_tls=False,
         )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
-        self._server = await loop.create_server(self._protocol, host=listen.host, port=listen.port)
+        self._server = await loop.create_server(
+            self._protocol,
+            host=listen.host,
+            port=listen.port,
+            ssl=self.tls_context if listen.tls == "implicit" else None,
+        )
 
     @property
     def port(self) -> int:
@@ -64,9 +114,21 @@ class RelayServer:
         await self.delivery.close()
 
 
+def warn_about_secret_files(config: Config) -> None:
+    log = structlog.get_logger("relay")
+    listen = config.listen
+    secret_files = {"listen.key_file": listen.key_file}
+    if listen.auth != "none":
+        secret_files["listen.users_file"] = listen.users_file
+    for key, path in secret_files.items():
+        if path is not None and readable_by_others(path):
+            log.warning("relay.secret_file_readable", key=key, path=str(path), fix=f"chmod 600 {path}")
+
+
 async def serve(config: Config) -> int:
     log = structlog.get_logger("relay")
     server = RelayServer(config)
+    warn_about_secret_files(config)
     try:
         await server.start()
     except OSError as exc:
@@ -83,6 +145,9 @@ async def serve(config: Config) -> int:
         destination=server.destination.label,
         policy=config.policy.action,
         allowed_networks=list(config.listen.allowed_networks) or "loopback only",
+        tls=config.listen.tls,
+        auth=config.listen.auth,
+        users=len(server.authenticator.accounts.current().by_name) if server.authenticator else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

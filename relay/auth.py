@@ -1,0 +1,158 @@
+"""Client AUTH: checking logins against the accounts file, locking out password guessers, and which
+sender addresses a login may use (Postfix's reject_sender_login_mismatch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import cache
+
+import structlog
+
+from relay.addresses import parse_address_list
+from relay.errors import SmtpReply
+from relay.message import ParsedMessage
+from relay.users import Account, Accounts, AccountsFile, hash_password, verify_password
+
+LOCKOUT_WINDOW = 600.0  # seconds: failures are counted over this window, and a lockout lasts as long
+# Each argon2id check takes 64 MiB and a core for a moment: never run more than this many at once.
+CONCURRENT_PASSWORD_CHECKS = 2
+
+INVALID_CREDENTIALS = SmtpReply(535, "5.7.8", "Authentication credentials invalid")
+LOCKED_OUT = SmtpReply(
+    454, "4.7.0", "Too many failed logins from your address; AUTH is refused for a while, try again later"
+)
+
+
+class FailedLoginLockout:
+    """Counts failed logins per client address; past max_failures within the window, refuses that address."""
+
+    def __init__(
+        self, max_failures: int, window: float = LOCKOUT_WINDOW, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def is_locked(self, client: str) -> bool:
+        until = self._locked_until.get(client)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._locked_until[client]
+        return False
+
+    def record_failure(self, client: str) -> bool:
+        """Count one failure; True when it is the one that starts a lockout."""
+        now = self._clock()
+        self._forget_before(now - self.window)
+        failures = self._failures.setdefault(client, deque())
+        failures.append(now)
+        if len(failures) < self.max_failures:
+            return False
+        del self._failures[client]
+        already_locked = self.is_locked(client)
+        self._locked_until[client] = now + self.window
+        return not already_locked
+
+    def _forget_before(self, cutoff: float) -> None:
+        # Keeps memory bounded by the addresses that failed within the window.
+        for client in list(self._failures):
+            failures = self._failures[client]
+            while failures and failures[0] < cutoff:
+                failures.popleft()
+            if not failures:
+                del self._failures[client]
+
+
+@cache
+def _stand_in_hash() -> str:
+    """A hash to check unknown names against, so they take as long as known ones."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def _check_login(account: Account | None, password: bytes) -> bool:
+    if account is None:
+        verify_password(_stand_in_hash(), password)
+        return False
+    return verify_password(account.password_hash, password)
+
+
+class Authenticator:
+    """Verifies AUTH PLAIN/LOGIN credentials off the event loop, with the lockout in front."""
+
+    def __init__(self, accounts: AccountsFile, lockout: FailedLoginLockout) -> None:
+        self.accounts = accounts
+        self.lockout = lockout
+        self._checks = asyncio.Semaphore(CONCURRENT_PASSWORD_CHECKS)
+        self._log = structlog.get_logger("relay")
+
+    def refusal_for(self, client: str) -> SmtpReply | None:
+        return LOCKED_OUT if self.lockout.is_locked(client) else None
+
+    async def login(self, client: str, name: bytes, password: bytes) -> Account:
+        """The account for these credentials; raises SmtpReply (535 wrong, 454 locked out) otherwise."""
+        if self.lockout.is_locked(client):
+            raise LOCKED_OUT
+        try:
+            account = self.accounts.current().by_name.get(name.decode("utf-8"))
+        except UnicodeDecodeError:
+            account = None
+        async with self._checks:
+            valid = await asyncio.to_thread(_check_login, account, password)
+        if account is not None and valid:
+            self._log.info("auth.succeeded", client=client, user=account.name)
+            return account
+        # Only a known name is logged: an unknown one is often a password typed in the wrong field.
+        self._log.info("auth.failed", client=client, user=account.name if account else None)
+        if self.lockout.record_failure(client):
+            self._log.warning(
+                "auth.locked_out",
+                client=client,
+                failures=self.lockout.max_failures,
+                minutes=round(self.lockout.window / 60),
+            )
+        raise INVALID_CREDENTIALS
+
+
+def sender_refusal(accounts: Accounts, login: Account | None, address: str, where: str) -> SmtpReply | None:
+    """Like Postfix's reject_sender_login_mismatch, for the envelope sender or a From address.
+
+    A logged-in user may use only their own addresses (any address when they have none listed); a client
+    that has not logged in may not use an address that belongs to an account.
+    """
+    if not address:
+        return None
+    if login is None:
+        if not accounts.owners_of(address):
+            return None
+        return SmtpReply(
+            553,
+            "5.7.1",
+            f"<{address}>: sender address rejected ({where}): not logged in, and this address belongs to "
+            "an account on this relay; log in (AUTH) to send as it",
+        )
+    if login.may_send_as_anyone or login.owns(address):
+        return None
+    return SmtpReply(553, "5.7.1", f"<{address}>: sender address rejected ({where}): not owned by user {login.name}")
+
+
+def from_header_refusal(accounts: Accounts, login: Account | None, message: ParsedMessage) -> SmtpReply | None:
+    """sender_refusal() for every address in the From header(s)."""
+    for field in message.get_all("from"):
+        mailboxes = parse_address_list(field.value)
+        if not mailboxes and (login is None or not login.may_send_as_anyone):
+            # What this relay cannot read, a mail program might still show as someone's address.
+            return SmtpReply(553, "5.7.1", "the From header has no address this relay can read; fix the From line")
+        for mailbox in mailboxes:
+            refusal = sender_refusal(accounts, login, mailbox.address, "From header")
+            if refusal is not None:
+                return refusal
+    return None
