@@ -226,3 +226,53 @@ def start_relay(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Run
     yield start
     for server in started:
         loops.run(server.stop())
+
+
+@dataclass
+class RelayCertificate:
+    """A trustme certificate for the relay's own listener, as files, and a client context that trusts it."""
+
+    cert_file: Path
+    key_file: Path
+    ca: trustme.CA
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture
+def relay_certificate(tmp_path: Path) -> RelayCertificate:
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", LOOPBACK)
+    cert_file, key_file = tmp_path / "relay-cert.pem", tmp_path / "relay-key.pem"
+    cert_file.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key_file))
+    key_file.chmod(0o600)
+    return RelayCertificate(cert_file, key_file, ca)
+
+
+USER_PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def user_password_hash() -> str:
+    """USER_PASSWORD hashed once per test run: argon2id is slow on purpose."""
+    from relay.users import hash_password
+
+    return hash_password(USER_PASSWORD)
+
+
+@pytest.fixture
+def write_users(tmp_path: Path, user_password_hash: str) -> Callable[..., Path]:
+    """write_users(kay=["kay@office.test"], crm=[]) -> an accounts file; every password is USER_PASSWORD."""
+    from relay.users import Account, Accounts, save_accounts
+
+    def write(**users: list[str]) -> Path:
+        path = tmp_path / "users.yaml"
+        accounts = Accounts({name: Account(name, user_password_hash, tuple(a)) for name, a in users.items()})
+        save_accounts(path, accounts)
+        return path
+
+    return write
