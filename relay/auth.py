@@ -50,20 +50,25 @@ class FailedLoginLockout:
         return False
 
     def record_failure(self, client: str) -> bool:
-        """Count one failure; True when it is the one that starts a lockout."""
+        """Count one failure; True when it is the one that starts a lockout (a lockout is not extended)."""
+        if self.is_locked(client):
+            return False
         now = self._clock()
-        self._forget_before(now - self.window)
+        self._forget_before(now)
         failures = self._failures.setdefault(client, deque())
         failures.append(now)
         if len(failures) < self.max_failures:
             return False
         del self._failures[client]
-        already_locked = self.is_locked(client)
         self._locked_until[client] = now + self.window
-        return not already_locked
+        return True
 
-    def _forget_before(self, cutoff: float) -> None:
-        # Keeps memory bounded by the addresses that failed within the window.
+    def _forget_before(self, now: float) -> None:
+        # Keeps memory bounded by the addresses that failed, or were locked out, within the window.
+        for client, until in list(self._locked_until.items()):
+            if until <= now:
+                del self._locked_until[client]
+        cutoff = now - self.window
         for client in list(self._failures):
             failures = self._failures[client]
             while failures and failures[0] < cutoff:
