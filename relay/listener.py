@@ -268,6 +268,10 @@ class RelayHandler:
             recipients=len(envelope.rcpt_tos),
             user=login.name if login else None,
         )
+        if b"\x00" in data:
+            # An upstream that drops NUL bytes would read <CRLF><NUL>.<CRLF> as the end of the message.
+            log.info("message.refused", code=550, reason="NUL byte")
+            return "550 5.6.0 The message contains a NUL byte, which SMTP does not allow; fix the sending program"
         if self.authenticator is not None:
             try:
                 refusal = from_header_refusal(self.authenticator.accounts.current(), login, parse_message(data))
