@@ -37,14 +37,14 @@ def client_tls_context(listen: ListenConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(listen.cert_file, listen.key_file, password=_refuse_encrypted_key)
-    except OSError as exc:
-        raise ConfigError(
-            f"listen.cert_file / listen.key_file: cannot read {exc.filename or listen.cert_file}: {exc.strerror}"
-        ) from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
         raise ConfigError(
             f"listen.cert_file / listen.key_file: {listen.cert_file} and {listen.key_file} are not a PEM "
             f"certificate chain and its matching private key ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"listen.cert_file / listen.key_file: cannot read {exc.filename or listen.cert_file}: {exc.strerror}"
         ) from None
     return context
 
