@@ -11,6 +11,7 @@ import sys
 from base64 import b64encode
 from pathlib import Path
 
+import pytest
 import structlog
 
 from relay.config import LoggingConfig
@@ -61,6 +62,7 @@ def test_auth_leaves_no_password_in_logs_or_replies(start_relay, upstream: Upstr
             assert not any(form in reply for reply in replies)
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the test upstream's choice
 def test_check_and_preview_do_not_print_the_upstream_password(make_upstream, tmp_path: Path) -> None:
     upstream = make_upstream(credentials=("relay@office.test", "the upstream secret"))
     message = tmp_path / "message.eml"
