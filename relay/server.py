@@ -99,6 +99,8 @@ class RelayServer:
             host=listen.host,
             port=listen.port,
             ssl=self.tls_context if listen.tls == "implicit" else None,
+            # asyncio's default of 100 would drop a burst of connections the limits allow.
+            backlog=max(100, listen.max_connections),
         )
 
     @property
