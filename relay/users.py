@@ -126,7 +126,10 @@ def load_accounts(path: Path) -> Accounts:
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsersFileError(f"{path} is not valid YAML: {exc}") from exc
+        # Only the position: PyYAML's own message quotes the offending line, which may hold a hash.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UsersFileError(f"{path} is not valid YAML{where}") from None
     if data is None:
         return Accounts()
     if not isinstance(data, dict):

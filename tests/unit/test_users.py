@@ -92,3 +92,12 @@ def test_the_relay_rereads_a_changed_file_and_keeps_the_old_one_if_broken(tmp_pa
     assert set(accounts.current().by_name) == {"kay"}
     path.write_text("users: [broken\n")
     assert set(accounts.current().by_name) == {"kay"}
+
+
+def test_a_yaml_error_gives_the_position_without_quoting_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "users.yaml"
+    path.write_text("users:\n  kay: {password: $argon2id$v=19$m=65536$SECRETHASH, addresses: [\n")
+    with pytest.raises(UsersFileError) as refused:
+        load_accounts(path)
+    assert "line " in str(refused.value)
+    assert "SECRETHASH" not in str(refused.value)
