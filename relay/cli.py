@@ -169,8 +169,35 @@ def _user(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_listen(config: Config) -> bool:
+    """What `serve` would load for clients: the TLS certificate and the accounts file, when configured."""
+    from relay.server import build_authenticator, client_tls_context
+
+    listen = config.listen
+    ok = True
+    if listen.tls != "none":
+        try:
+            client_tls_context(listen)
+            print(f"listen tls: OK: {listen.tls} with {listen.cert_file}")
+        except ConfigError as exc:
+            print(f"listen tls: FAILED: {exc}")
+            ok = False
+    if listen.auth != "none":
+        try:
+            authenticator = build_authenticator(listen)
+            assert authenticator is not None
+            users = len(authenticator.accounts.current().by_name)
+            print(f"listen auth: OK: {listen.auth}, {users} user(s) in {listen.users_file}")
+        except ConfigError as exc:
+            print(f"listen auth: FAILED: {exc}")
+            ok = False
+    return ok
+
+
 def _check(config: Config, source: str) -> int:
     print(f"config: OK ({source})")
+    if not _check_listen(config):
+        return 1
     if config.uses_outbox:
         print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
         return 0

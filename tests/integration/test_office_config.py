@@ -99,3 +99,34 @@ def test_start_up_warns_when_others_can_read_the_accounts_file(tmp_path: Path, w
         warn_about_secret_files(config)
     warnings = [entry for entry in logs if entry["event"] == "relay.secret_file_readable"]
     assert [(w["key"], w["fix"]) for w in warnings] == [("listen.users_file", f"chmod 600 {users}")]
+
+
+def test_check_loads_the_certificate_and_the_accounts_file(tmp_path: Path, relay_certificate, write_users) -> None:
+    def check(**settings: str) -> subprocess.CompletedProcess[str]:
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("RELAY_")}
+        environment.update(settings)
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "check"],
+            capture_output=True,
+            text=True,
+            cwd=elsewhere,
+            env=environment,
+            timeout=60,
+        )
+
+    elsewhere = tmp_path / "elsewhere"  # no ./users.yaml here
+    elsewhere.mkdir()
+    tls = {
+        "RELAY_LISTEN_TLS": "starttls",
+        "RELAY_LISTEN_CERT_FILE": str(relay_certificate.cert_file),
+        "RELAY_LISTEN_KEY_FILE": str(relay_certificate.key_file),
+    }
+    users = str(write_users(kay=[], lee=[]))
+    good = check(**tls, RELAY_LISTEN_AUTH="required", RELAY_LISTEN_USERS_FILE=users)
+    assert good.returncode == 0, good.stdout
+    assert "listen tls: OK: starttls" in good.stdout
+    assert f"listen auth: OK: required, 2 user(s) in {users}" in good.stdout
+    bad = check(**{**tls, "RELAY_LISTEN_KEY_FILE": str(relay_certificate.cert_file)}, RELAY_LISTEN_AUTH="optional")
+    assert bad.returncode == 1
+    assert "listen tls: FAILED" in bad.stdout
+    assert "listen auth: FAILED: listen.users_file" in bad.stdout
