@@ -14,6 +14,7 @@ import aiosmtplib
 
 from relay.config import UpstreamConfig
 from relay.rewrite import OutgoingCopy
+from relay.transaction import UpstreamConnection, WireBodies, wire_form
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 
@@ -66,7 +67,11 @@ def needs_smtputf8(mail_from: str, copy: OutgoingCopy, client_used_smtputf8: boo
 
 
 class UpstreamPool:
-    """At most max_connections open connections to one upstream, reused across messages."""
+    """At most max_connections open connections to one upstream, reused across messages and copies.
+
+    aiosmtplib opens and logs in each connection; relay.transaction then sends every copy on it, its
+    commands pipelined and its body in a wire form shared by all copies of the message.
+    """
 
     def __init__(self, config: UpstreamConfig, password: str | None, local_hostname: str) -> None:
         assert config.host is not None
@@ -75,14 +80,15 @@ class UpstreamPool:
         self._password = password
         self._local_hostname = local_hostname
         self._slots = asyncio.Semaphore(config.max_connections)
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[UpstreamConnection] = []
+        self._bodies = WireBodies()
         self._tls_context = build_tls_context(config) if config.tls != "none" else None
 
     @property
     def label(self) -> str:
         return f"{self._host}:{self._config.port}"
 
-    async def open_connection(self) -> aiosmtplib.SMTP:
+    async def open_connection(self) -> UpstreamConnection:
         """A new, logged-in connection (EHLO, TLS and AUTH done)."""
         config = self._config
         client = aiosmtplib.SMTP(
@@ -95,38 +101,36 @@ class UpstreamPool:
             timeout=config.timeout,
         )
         await client.connect()
-        if config.username:
-            await client.login(config.username, self._password or "")
-        return client
+        try:
+            if client.is_ehlo_or_helo_needed:
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
+            if config.username:
+                await client.login(config.username, self._password or "")
+            return UpstreamConnection.take_over(client, config.timeout)
+        except BaseException:
+            client.close()
+            raise
 
     async def send(self, mail_from: str, copy: OutgoingCopy, smtputf8: bool) -> SendOutcome:
-        async with self._slots:
-            reused = bool(self._idle)
-            client = self._idle.pop() if reused else await self.open_connection()
-            try:
-                outcome = await self._transaction(client, mail_from, copy, smtputf8)
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
-                client.close()
-                if not reused:
-                    raise
-                # The upstream closed an idle connection; one fresh attempt is safe.
-                client = await self.open_connection()
-                outcome = await self._transaction(client, mail_from, copy, smtputf8)
-            except BaseException:
-                client.close()
-                raise
-            if client.is_connected:
-                self._idle.append(client)
-            return outcome
+        wire_body = self._bodies.acquire(copy.body)
+        try:
+            async with self._slots:
+                return await self._send_on_a_connection(
+                    mail_from, copy, wire_form(copy.headers), wire_body, needs_smtputf8(mail_from, copy, smtputf8)
+                )
+        finally:
+            self._bodies.release(copy.body)
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, mail_from: str, copy: OutgoingCopy, smtputf8: bool
+    async def _send_on_a_connection(
+        self, mail_from: str, copy: OutgoingCopy, wire_headers: bytes, wire_body: bytes, smtputf8: bool
     ) -> SendOutcome:
-        if client.is_ehlo_or_helo_needed:
-            await client.ehlo()  # the extension checks below need the EHLO reply
-        outcome = SendOutcome()
-        needs_utf8 = needs_smtputf8(mail_from, copy, smtputf8)
-        if needs_utf8 and not client.supports_extension("smtputf8"):
+        reused = bool(self._idle)
+        connection = self._idle.pop() if reused else await self.open_connection()
+        if smtputf8 and not connection.supports("smtputf8"):
+            self._keep_or_close(connection)
             # RFC 6531: without SMTPUTF8 at the server, return or reject; downgrading would alter the message.
             reply = UpstreamReply(
                 550,
@@ -134,35 +138,38 @@ class UpstreamPool:
                 f"this message has non-ASCII addresses or headers (SMTPUTF8) and {self.label} does not "
                 "accept SMTPUTF8; not sent rather than altered. Use ASCII addresses or another upstream",
             )
-            outcome.refused = dict.fromkeys(copy.recipients, reply)
-            return outcome
-        options = ["SMTPUTF8"] if needs_utf8 else []
-        if client.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
+            return SendOutcome(refused=dict.fromkeys(copy.recipients, reply))
         try:
-            errors, _ = await client.sendmail(
-                mail_from, list(copy.recipients), copy.headers + copy.body, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            for refusal in exc.recipients:
-                outcome.refused[refusal.recipient] = UpstreamReply.parse(refusal.code, refusal.message)
-            return outcome
-        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
-            reply = UpstreamReply.parse(exc.code, exc.message)
-            outcome.refused = dict.fromkeys(copy.recipients, reply)
-            return outcome
-        for recipient, response in errors.items():
-            outcome.refused[recipient] = UpstreamReply.parse(response.code, response.message)
-        outcome.accepted = [r for r in copy.recipients if r not in outcome.refused]
-        return outcome
+            result = await connection.transaction(mail_from, copy.recipients, wire_headers, wire_body, smtputf8)
+        except aiosmtplib.SMTPServerDisconnected:
+            connection.close()
+            if not reused:
+                raise
+            # The upstream closed an idle connection; one fresh attempt is safe.
+            connection = await self.open_connection()
+            try:
+                result = await connection.transaction(mail_from, copy.recipients, wire_headers, wire_body, smtputf8)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            connection.close()
+            raise
+        self._keep_or_close(connection)
+        return SendOutcome(
+            accepted=result.accepted,
+            refused={r: UpstreamReply.parse(reply.code, reply.message) for r, reply in result.refused.items()},
+        )
+
+    def _keep_or_close(self, connection: UpstreamConnection) -> None:
+        if connection.usable:
+            self._idle.append(connection)
+        else:
+            connection.close()
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+        await asyncio.gather(*(connection.quit() for connection in idle))
 
 
 @dataclass(frozen=True, slots=True)
