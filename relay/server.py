@@ -1,8 +1,16 @@
-"""Wiring: the listening socket, the handler, the delivery, and a clean stop on SIGTERM/SIGINT."""
+"""Wiring: the listening socket, the handler, the delivery, worker processes, and a clean stop on SIGTERM/SIGINT.
+
+With listen.workers > 1 the relay forks that many workers, each an independent relay (its own event loop,
+upstream connections and delivery) listening on the same port with SO_REUSEPORT, so the kernel spreads
+connections over them and every core works. The parent only supervises: it forwards SIGTERM/SIGINT and,
+if a worker dies on its own, stops the others and exits with an error for the service manager to see.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -101,6 +109,7 @@ class RelayServer:
             ssl=self.tls_context if listen.tls == "implicit" else None,
             # asyncio's default of 100 would drop a burst of connections the limits allow.
             backlog=max(100, listen.max_connections),
+            reuse_port=listen.workers > 1,
         )
 
     @property
@@ -144,6 +153,7 @@ async def serve(config: Config) -> int:
     log.info(
         "relay.started",
         listen=f"{config.listen.host}:{server.port}",
+        pid=os.getpid(),
         destination=server.destination.label,
         policy=config.policy.action,
         allowed_networks=list(config.listen.allowed_networks) or "loopback only",
@@ -161,7 +171,7 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def run(config: Config) -> int:
+def _run_one(config: Config) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
             "relay.internal_error",
@@ -174,3 +184,75 @@ def run(config: Config) -> int:
         return await serve(config)
 
     return asyncio.run(main())
+
+
+def _reserve_port(config: Config) -> tuple[socket.socket, int]:
+    """A bound, not listening, SO_REUSEPORT socket that holds the port (a free one if port is 0) for the workers."""
+    listen = config.listen
+    family, kind, proto, _, address = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0]
+    reservation = socket.socket(family, kind, proto)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(address)
+    except OSError:
+        reservation.close()
+        raise
+    port: int = reservation.getsockname()[1]
+    return reservation, port
+
+
+def _supervise(config: Config) -> int:
+    log = structlog.get_logger("relay")
+    try:
+        reservation, port = _reserve_port(config)
+    except OSError as exc:
+        log.error("relay.cannot_listen", host=config.listen.host, port=config.listen.port, error=exc.strerror)
+        return 1
+    worker_config = config.model_copy(update={"listen": config.listen.model_copy(update={"port": port})})
+    workers: set[int] = set()
+    stopping = False
+
+    def stop_workers(signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    # Installed before forking, so a signal that arrives meanwhile still reaches the workers.
+    signal.signal(signal.SIGTERM, stop_workers)
+    signal.signal(signal.SIGINT, stop_workers)
+    for _ in range(config.listen.workers):
+        if stopping:
+            break
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            reservation.close()
+            code = 1
+            try:
+                code = _run_one(worker_config)
+            finally:
+                os._exit(code)
+        workers.add(pid)
+    exit_code = 0
+    while workers:
+        pid, status = os.wait()
+        workers.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            log.error("relay.worker_died", pid=pid, exit_code=code)
+            exit_code = 1
+            stop_workers()
+        elif code != 0:
+            exit_code = exit_code or 1
+    reservation.close()
+    return exit_code
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT: in this process, or in listen.workers worker processes."""
+    if config.listen.workers == 1:
+        return _run_one(config)
+    return _supervise(config)

@@ -1,0 +1,77 @@
+"""listen.workers: several relay processes on one port (SO_REUSEPORT), supervised by the parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MESSAGE = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def _started_events(log: Path, count: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        started = [e for e in events if e.get("event") == "relay.started"]
+        if len(started) >= count:
+            return started
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} workers started:\n{log.read_text()}")
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, list[int]]]:
+    log = tmp_path / "relay.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_LISTEN_PORT="0",
+        RELAY_LISTEN_WORKERS="2",
+        RELAY_OUTBOX=str(tmp_path / "outbox"),
+        RELAY_LOGGING_FORMAT="json",
+    )
+    with open(log, "wb") as output:
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"], env=env, cwd=tmp_path, stderr=output, start_new_session=True
+        )
+    try:
+        started = _started_events(log, 2)
+        ports = {int(str(e["listen"]).rsplit(":", 1)[1]) for e in started}
+        assert len(ports) == 1 and 0 not in ports
+        yield relay, ports.pop(), tmp_path / "outbox", [int(str(e["pid"])) for e in started]
+    finally:
+        if relay.poll() is None:
+            os.killpg(relay.pid, signal.SIGKILL)
+        relay.wait(10)
+
+
+@pytest.mark.e2e
+def test_two_workers_share_one_port_and_stop_together(two_workers) -> None:
+    relay, port, outbox, worker_pids = two_workers
+    assert len(set(worker_pids)) == 2 and relay.pid not in worker_pids
+    for _ in range(20):
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            assert client.sendmail("a@src.test", ["r@dst.test"], MESSAGE) == {}
+    assert len(list(outbox.glob("*.eml"))) == 20
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(20) == 0
+    for pid in worker_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.e2e
+def test_a_worker_that_dies_stops_the_relay_with_an_error(two_workers) -> None:
+    relay, _, _, worker_pids = two_workers
+    os.kill(worker_pids[0], signal.SIGKILL)
+    assert relay.wait(20) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pids[1], 0)
