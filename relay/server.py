@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -154,6 +155,7 @@ async def serve(config: Config) -> int:
         "relay.started",
         listen=f"{config.listen.host}:{server.port}",
         pid=os.getpid(),
+        event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         destination=server.destination.label,
         policy=config.policy.action,
         allowed_networks=list(config.listen.allowed_networks) or "loopback only",
@@ -171,6 +173,16 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when the optional extra is installed (pip install 'privacy-relay[fast]')."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def _run_one(config: Config) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
@@ -183,7 +195,8 @@ def _run_one(config: Config) -> int:
         asyncio.get_running_loop().set_exception_handler(quiet_exceptions)
         return await serve(config)
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(main())
 
 
 def _reserve_port(config: Config) -> tuple[socket.socket, int]:

@@ -15,7 +15,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import aiosmtplib
 
@@ -131,8 +131,9 @@ class UpstreamConnection(asyncio.Protocol):
     @classmethod
     def take_over(cls, client: aiosmtplib.SMTP, timeout: float) -> UpstreamConnection:
         """Move an aiosmtplib connection (EHLO, TLS, AUTH done, nothing pending) onto this protocol."""
-        transport = client.transport
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        # uvloop's transports do not subclass asyncio.Transport, so this is a cast, not a check.
+        transport = cast(asyncio.Transport | None, client.transport)
+        if transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("the upstream closed the connection")
         connection = cls(transport, dict(client.esmtp_extensions), timeout)
         transport.set_protocol(connection)
