@@ -8,6 +8,7 @@ strictly against RFC 5321, because a lenient parser there is how address smuggli
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from email.errors import HeaderParseError
@@ -47,6 +48,7 @@ def validate_envelope_address(address: str, *, smtputf8: bool) -> str:
     return address
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_domain(domain: str) -> str:
     """The domain in lower-case Unicode form, so punycode and Unicode spellings compare equal."""
     # Lower case first: the idna codec only recognises a lower-case "xn--" prefix.
