@@ -25,6 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from relay.addresses import validate_envelope_address
 from relay.auth import Authenticator, from_header_refusal, sender_refusal
 from relay.config import Config
+from relay.data_reader import read_data
 from relay.delivery import DeliveryReport
 from relay.errors import SmtpReply
 from relay.message import parse_message
@@ -415,7 +416,7 @@ class RelaySMTP(SMTP):
         # message on a slow line gets through while a client dripping a byte at a time does not.
         self._data_deadline = self.loop.time() + self._command_timeout
         try:
-            await super().smtp_DATA(arg)
+            await self._data_in_blocks(arg)
         finally:
             self._data_deadline = None
             if self.transport is not None:
@@ -435,3 +436,34 @@ class RelaySMTP(SMTP):
             await super().push(f"552 5.3.4 Message too big: this relay takes at most {limit} bytes per message")
             return
         await super().push(status)
+
+    async def _data_in_blocks(self, arg: str) -> None:
+        """aiosmtpd's DATA with the same checks and replies, but reading the content in blocks (data_reader)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            section = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.IncompleteReadError:
+            return  # the client went away mid-message: nothing to answer
+        if section.line_too_long or section.too_big:
+            await self.push(
+                "500 Line too long (see RFC5321 4.5.3.1.6)"
+                if section.line_too_long
+                else "552 Error: Too much mail data"
+            )
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        envelope.content = section.content
+        envelope.original_content = section.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
