@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix comparison")
     parser.add_argument("--workers", type=int, default=None, help="RELAY_LISTEN_WORKERS for the relay")
+    parser.add_argument(
+        "--relay-setting",
+        action="append",
+        default=[],
+        metavar="RELAY_KEY=VALUE",
+        help="an extra RELAY_* setting for the relay, repeatable (e.g. RELAY_UPSTREAM_MAX_CONNECTIONS=10)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default 600; smoke 60)")
     return parser
 
@@ -82,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     with_postfix = not args.no_postfix and postfix_available() and os.geteuid() == 0
     workers = args.workers if args.workers is not None and supports_workers() else None
     spool = spool_mode()
+    settings = dict(item.split("=", 1) for item in args.relay_setting)
 
     def relay_kind(mode: str, name: str) -> TargetKind:
         return TargetKind(
             name,
-            lambda root, sink: RelayProcess(root, sink.port, mode, workers),
+            lambda root, sink: RelayProcess(root, sink.port, mode, workers, settings),
             lambda workload: workload.copies,
         )
 
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"load generator: {'smtp-source' if use_smtp_source else 'bench.client'}; "
         f"sink: {'smtp-sink' if use_smtp_sink else 'bench.pysink'}; "
-        f"relay workers: {workers or 'default'}; spool mode: {spool or 'not in this relay (n/a)'}; "
+        f"relay workers: {workers or 'default'}; relay settings: {args.relay_setting or 'defaults'};\n"
+        f"spool mode: {spool or 'not in this relay (n/a)'}; "
         f"postfix: {'yes' if with_postfix else 'no'}; repeats: {args.repeat}"
     )
     print(f"load average before: {_load()}", flush=True)

@@ -97,9 +97,9 @@ def _read_stat(pid: int) -> list[str] | None:
     return raw[raw.rfind(")") + 2 :].split()
 
 
-def _status_kib(pid: int, key: str) -> int:
+def _status_kib(pid: int, key: str, source: str = "status") -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
             if line.startswith(key):
                 return int(line.split()[1])
     except OSError:
@@ -110,16 +110,20 @@ def _status_kib(pid: int, key: str) -> int:
 @dataclass
 class Usage:
     cpu_seconds: float
-    peak_rss_mib: float
+    peak_rss_mib: float  # the sum of the processes' VmHWM: exact for one process, an upper bound for several
+    peak_pss_mib: float  # the highest sampled sum of PSS: shared pages counted once, comparable across designs
+    idle_pss_mib: float
     idle_rss_mib: float
 
 
 @dataclass
 class SessionSampler:
-    """Samples a session's processes: CPU time used since start(), and the sum of their peak RSS.
+    """Samples a session's processes: CPU time used since start(), peak RSS and peak PSS.
 
     VmHWM is the kernel's own high-water mark per process, so a peak between two samples is not missed;
-    a process that exits between samples loses only its last interval.
+    PSS (from smaps_rollup) shares library and forked pages among processes, so Postfix's many daemons
+    are not counted once each, but its peak is only as good as the sampling interval.
+    A process that exits between samples loses only its last interval.
     """
 
     session_id: int
@@ -128,6 +132,8 @@ class SessionSampler:
     _cpu_last: dict[int, int] = field(default_factory=dict)
     _peak_kib: dict[int, int] = field(default_factory=dict)
     _idle_kib: int = 0
+    _idle_rss_kib: int = 0
+    _peak_pss_kib: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -136,12 +142,14 @@ class SessionSampler:
             stat = _read_stat(pid)
             if stat is not None:
                 self._cpu_start[pid] = int(stat[11]) + int(stat[12])
-            self._idle_kib += _status_kib(pid, "VmRSS:")
+            self._idle_kib += _status_kib(pid, "Pss:", "smaps_rollup")
+            self._idle_rss_kib += _status_kib(pid, "VmRSS:")
         self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
+        pss_kib = 0
         for pid in session_members(self.session_id):
             stat = _read_stat(pid)
             if stat is None:
@@ -149,6 +157,8 @@ class SessionSampler:
             self._cpu_start.setdefault(pid, 0)
             self._cpu_last[pid] = int(stat[11]) + int(stat[12])
             self._peak_kib[pid] = max(self._peak_kib.get(pid, 0), _status_kib(pid, "VmHWM:"))
+            pss_kib += _status_kib(pid, "Pss:", "smaps_rollup")
+        self._peak_pss_kib = max(self._peak_pss_kib, pss_kib)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -160,4 +170,10 @@ class SessionSampler:
             self._thread.join()
         self._sample()
         ticks = sum(self._cpu_last[pid] - self._cpu_start[pid] for pid in self._cpu_last)
-        return Usage(ticks / TICKS_PER_SECOND, sum(self._peak_kib.values()) / 1024, self._idle_kib / 1024)
+        return Usage(
+            ticks / TICKS_PER_SECOND,
+            sum(self._peak_kib.values()) / 1024,
+            self._peak_pss_kib / 1024,
+            self._idle_kib / 1024,
+            self._idle_rss_kib / 1024,
+        )

@@ -57,7 +57,9 @@ def relay_command() -> list[str]:
 
 
 class RelayProcess:
-    def __init__(self, root: Path, sink_port: int, mode: str, workers: int | None) -> None:
+    def __init__(
+        self, root: Path, sink_port: int, mode: str, workers: int | None, settings: dict[str, str] | None = None
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         env = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
@@ -75,6 +77,7 @@ class RelayProcess:
             env.update(_spool_settings(root))
         if workers is not None:
             env["RELAY_LISTEN_WORKERS"] = str(workers)
+        env.update(settings or {})
         self.log_path = root / "relay.log"
         with open(self.log_path, "wb") as log:
             self._process = start_session(relay_command(), env=env, cwd=root, stdout=log.fileno())

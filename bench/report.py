@@ -54,7 +54,7 @@ class Table:
     def render(self) -> str:
         head = (
             "| workload | target | msg/s accepted | copies/s delivered | DATA p50 / p99 ms "
-            "| CPU s per 1k copies | peak RSS MiB (idle) | vs Postfix: accepted, delivered, p50, CPU, RSS |"
+            "| CPU s per 1k copies | peak MiB PSS (idle) | vs Postfix: accepted, delivered, p50, CPU, memory |"
         )
         lines = [head, "|" + "---|" * 8]
         for workload in self.workloads:
@@ -74,7 +74,7 @@ class Table:
                             _ratio(figures.delivered_per_s, self._peer_delivered(workload)),
                             _ratio(figures.p50_ms, peer.p50_ms),
                             _ratio(figures.cpu_per_1000, peer.cpu_per_1000),
-                            _ratio(figures.peak_rss_mib, peer.peak_rss_mib),
+                            _ratio(figures.peak_pss_mib, peer.peak_pss_mib),
                         )
                     )
                 error = f" ({figures.error})" if figures.error else ""
@@ -83,7 +83,7 @@ class Table:
                     f"{_number(figures.delivered_per_s)}{error} | "
                     f"{_number(figures.p50_ms, 2)} / {_number(figures.p99_ms, 2)} | "
                     f"{_number(figures.cpu_per_1000, 2)} | "
-                    f"{_number(figures.peak_rss_mib, 1)} ({_number(figures.idle_rss_mib, 1)}) | {ratios} |"
+                    f"{_number(figures.peak_pss_mib, 1)} ({_number(figures.idle_pss_mib, 1)}) | {ratios} |"
                 )
         return "\n".join(lines)
 
@@ -117,7 +117,7 @@ class Table:
                 check(
                     f"W3 {name} peak RSS < 3x message + idle",
                     w3.peak_rss_mib < limit,
-                    f"{w3.peak_rss_mib:.1f} MiB against {limit:.1f} MiB",
+                    f"peak RSS (VmHWM) {w3.peak_rss_mib:.1f} MiB against {limit:.1f} MiB",
                 )
         ours_l0 = self.get(RELAY_DIRECT, "L0")
         sink_l0 = self.get("sink", "L0")

@@ -55,6 +55,8 @@ class Figures:
     p99_ms: float | None = None
     cpu_per_1000: float | None = None
     peak_rss_mib: float | None = None
+    peak_pss_mib: float | None = None
+    idle_pss_mib: float | None = None
     idle_rss_mib: float | None = None
     error: str | None = None
 
@@ -173,5 +175,7 @@ def measure(
         figures.p99_ms = percentile(latencies, 0.99) * 1000
     figures.cpu_per_1000 = usage.cpu_seconds / (workload.copies + probe_messages) * 1000
     figures.peak_rss_mib = usage.peak_rss_mib
+    figures.peak_pss_mib = usage.peak_pss_mib
+    figures.idle_pss_mib = usage.idle_pss_mib
     figures.idle_rss_mib = usage.idle_rss_mib
     return figures
