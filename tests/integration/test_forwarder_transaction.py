@@ -68,7 +68,7 @@ def pool_for(upstream: Upstream, tmp_path: Path, **settings: Any) -> UpstreamPoo
 
 
 def copy_to(*recipients: str, body: bytes = BODY, headers: bytes = HEADERS) -> OutgoingCopy:
-    return OutgoingCopy(tuple(recipients), "single", headers, body, frozenset())
+    return OutgoingCopy(tuple(recipients), "single", headers, body)
 
 
 def test_copies_arrive_byte_for_byte_and_the_connection_is_reused(run, plain_upstream: Upstream, tmp_path) -> None:
