@@ -127,8 +127,10 @@ class UpstreamPool:
     async def _send_on_a_connection(
         self, mail_from: str, copy: OutgoingCopy, wire_headers: bytes, wire_body: bytes, smtputf8: bool
     ) -> SendOutcome:
-        reused = bool(self._idle)
-        connection = self._idle.pop() if reused else await self.open_connection()
+        connection = self._ready_idle_connection()
+        reused = connection is not None
+        if connection is None:
+            connection = await self.open_connection()
         if smtputf8 and not connection.supports("smtputf8"):
             self._keep_or_close(connection)
             # RFC 6531: without SMTPUTF8 at the server, return or reject; downgrading would alter the message.
@@ -160,6 +162,15 @@ class UpstreamPool:
             accepted=result.accepted,
             refused={r: UpstreamReply.parse(reply.code, reply.message) for r, reply in result.refused.items()},
         )
+
+    def _ready_idle_connection(self) -> UpstreamConnection | None:
+        """An idle connection still fit for a transaction; ones the upstream closed or spoke on are dropped."""
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.ready:
+                return connection
+            connection.close()
+        return None
 
     def _keep_or_close(self, connection: UpstreamConnection) -> None:
         if connection.usable:

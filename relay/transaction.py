@@ -139,6 +139,11 @@ class UpstreamConnection(asyncio.Protocol):
         transport.set_protocol(connection)
         return connection
 
+    @property
+    def ready(self) -> bool:
+        """Usable for a new transaction: open, and nothing arrived unasked (an idle-timeout 421, say)."""
+        return self.usable and self._lost is None and not self._replies and not self._buffer
+
     def supports(self, extension: str) -> bool:
         return extension.lower() in self.extensions
 

@@ -183,6 +183,21 @@ def test_an_idle_connection_the_upstream_closed_is_replaced(run, plain_upstream:
     run(scenario())
 
 
+def test_an_idle_connection_that_got_a_421_is_not_used(run, plain_upstream: Upstream, tmp_path) -> None:
+    async def scenario() -> None:
+        pool = pool_for(plain_upstream, tmp_path)
+        await pool.send("a@src.test", copy_to("r1@dst.test"), False)
+        (idle,) = pool._idle
+        # What an upstream's idle timeout sends before it closes the connection.
+        idle.data_received(b"421 4.4.2 upstream.test Error: timeout exceeded\r\n")
+        outcome = await pool.send("a@src.test", copy_to("r2@dst.test"), False)
+        await pool.close()
+        assert (outcome.accepted, outcome.refused) == (["r2@dst.test"], {})
+        assert [m.rcpt_tos for m in plain_upstream.messages] == [["r1@dst.test"], ["r2@dst.test"]]
+
+    run(scenario())
+
+
 def test_concurrent_copies_share_one_wire_body(run, plain_upstream: Upstream, tmp_path) -> None:
     async def scenario() -> None:
         pool = pool_for(plain_upstream, tmp_path, max_connections=3)
