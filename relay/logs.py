@@ -47,7 +47,9 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[config.level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per event (print() writes the line and its newline separately), so the events of
+        # listen.workers processes sharing stderr do not run into each other.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # aiosmtpd logs every envelope address at INFO level, and a deprecation WARNING at every
