@@ -28,7 +28,8 @@ def median_figures(runs: Sequence[Figures]) -> Figures:
 def _number(value: float | None, digits: int = 0) -> str:
     if value is None or math.isnan(value):
         return "n/a"
-    return f"{value:,.{digits}f}"
+    # W3's one message takes seconds: 0.04 msg/s, not 0.
+    return f"{value:,.{max(digits, 2) if 0 < value < 10 else digits}f}"
 
 
 def _ratio(ours: float | None, theirs: float | None) -> str:
