@@ -102,15 +102,30 @@ def _parser() -> argparse.ArgumentParser:
         "list", help="list users and their addresses", description="List users and the addresses they may use."
     )
     config_option(listing)
+    queue = commands.add_parser(
+        "queue",
+        help="look at and change the spool (safe while the relay runs)",
+        description="List, show, retry or delete the messages waiting in the spool.",
+    )
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    config_option(queue_commands.add_parser("list", help="one line per waiting message"))
+    show = queue_commands.add_parser("show", help="a message's copies, attempts and last replies")
+    show.add_argument("id", metavar="ID")
+    retry = queue_commands.add_parser("retry", help="make waiting copies due now (all, or one message's)")
+    retry.add_argument("id", metavar="ID", nargs="?")
+    delete = queue_commands.add_parser("delete", help="remove a message from the spool without a bounce")
+    delete.add_argument("id", metavar="ID")
+    for action in (show, retry, delete):
+        config_option(action)
     return parser
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: Path | None) -> int:
     from relay.server import run
 
     configure_logging(config.logging)
     try:
-        return run(config)
+        return run(config, lambda: load_config(path))
     except ConfigError as exc:
         print(f"privacy-relay: {exc}", file=sys.stderr)
         return 2
@@ -265,9 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         source = str(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else "built-in defaults"
     if args.command == "serve":
-        return _serve(config)
+        return _serve(config, args.config)
     if args.command == "check":
         return _check(config, source)
     if args.command == "user":
         return _user(config, args)
+    if args.command == "queue":
+        from relay.queue_commands import run_queue_command
+
+        return run_queue_command(config, args.queue_command, getattr(args, "id", None))
     return _preview(config, args.file, args.mail_from, args.rcpt)

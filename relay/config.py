@@ -10,10 +10,10 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "RELAY_"
 PASSWORD_ENV = "RELAY_UPSTREAM_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
@@ -22,6 +22,24 @@ DEFAULT_CONFIG_PATH = Path("config/relay.yaml")
 
 class ConfigError(Exception):
     """A configuration problem, worded for the person who wrote the config."""
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string such as "90s", "30m", "12h" or "5d" (as Postfix writes them)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], 1)
+    try:
+        return float(text[:-1] if text[-1:] in _DURATION_UNITS else text) * unit
+    except ValueError:
+        raise ValueError("expected seconds, or a number with a unit: 90s, 30m, 12h, 5d") from None
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Section(BaseModel):
@@ -75,6 +93,12 @@ class ListenConfig(_Section):
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
 
 
+class RateLimitConfig(_Section):
+    # null: unlimited. per_minute counts transactions (messages), per_day counts recipients, as providers do.
+    per_minute: int | None = Field(default=None, ge=1)
+    per_day: int | None = Field(default=None, ge=1)
+
+
 class UpstreamConfig(_Section):
     host: str | None = None
     port: int = Field(default=587, ge=1, le=65535)
@@ -85,10 +109,30 @@ class UpstreamConfig(_Section):
     password_file: Path | None = None
     max_connections: int = Field(default=4, ge=1, le=100)
     timeout: float = Field(default=60, gt=0)
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    # Gmail takes 100 recipients per message, Microsoft 365 500, SES 50: the smallest is the safe default.
+    max_recipients_per_message: int = Field(default=50, ge=1)
+
+
+class SpoolConfig(_Section):
+    path: Path = Path("./spool")
 
 
 class DeliveryConfig(_Section):
-    mode: Literal["direct"] = "direct"
+    mode: Literal["hybrid", "queue", "direct"] = "hybrid"
+    sync_timeout: Duration = Field(default=20, ge=0)
+    max_age: Duration = Field(default=5 * 86400, gt=0)
+    # Postfix's minimal_backoff_time / maximal_backoff_time: the first retry and the longest wait between two.
+    min_backoff: Duration = Field(default=60, gt=0)
+    max_backoff: Duration = Field(default=3600, gt=0)
+    # Below Docker's 10 seconds between SIGTERM and SIGKILL.
+    stop_timeout: Duration = Field(default=8, ge=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliveryConfig:
+        if self.max_backoff < self.min_backoff:
+            raise ValueError(f"max_backoff ({self.max_backoff:g} s) must not be smaller than min_backoff")
+        return self
 
 
 class PolicyConfig(_Section):
@@ -117,6 +161,7 @@ class Config(_Section):
     listen: ListenConfig = ListenConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     outbox: Path = Path("./outbox")
+    spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -198,7 +243,8 @@ def _describe_errors(exc: ValidationError, source: str, env_set: Mapping[tuple[s
         key = ".".join(key_path) or "(top level)"
         where = source
         for env_path, env_name in env_set.items():
-            if key_path[: len(env_path)] == env_path:
+            # A section-level error (two keys that disagree) may come from a variable for one of its keys.
+            if key_path[: len(env_path)] == env_path or (key_path and env_path[: len(key_path)] == key_path):
                 where = f"the environment variable {env_name}"
         message = error["msg"]
         if error["type"] == "extra_forbidden":

@@ -33,6 +33,7 @@ from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
+from relay.spool import new_queue_id
 from relay.users import Account
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,10 +47,6 @@ class Delivery(Protocol):
     async def deliver(
         self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
     ) -> DeliveryReport: ...
-
-
-def new_queue_id() -> str:
-    return secrets.token_hex(6).upper()
 
 
 def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -332,10 +329,15 @@ class RelayHandler:
                 exposed_fields=list(decision.exposed_fields),
                 protected=len(decision.protected),
             )
-        report = await self.delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
+        try:
+            report = await self.delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
+        except SmtpReply as refusal:
+            # The spool could not commit the message: the client keeps it and tries again later.
+            log.error("message.not_stored", code=refusal.code, reason=refusal.text)
+            return refusal.render()
         reply = report.client_reply(queue_id)
         log.info(
-            "message.relayed" if report.ok else "message.not_relayed",
+            "message.queued" if report.queued else "message.relayed" if report.ok else "message.not_relayed",
             decision=decision.action.value,
             reason=decision.reason,
             copies=len(prepared.copies),
@@ -343,6 +345,7 @@ class RelayHandler:
             destination=report.destination,
             reply=reply[:3],
             failed=list(report.failures),
+            queued=report.queued,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
         return reply

@@ -1,4 +1,4 @@
-"""Wiring: the listening socket, the handler, the delivery, worker processes, and a clean stop on SIGTERM/SIGINT.
+"""Wiring: the socket, the handler, the delivery and its spool, worker processes; SIGTERM stops, SIGHUP reloads.
 
 With listen.workers > 1 the relay forks that many workers, each an independent relay (its own event loop,
 upstream connections and delivery) listening on the same port with SO_REUSEPORT, so the kernel spreads
@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -21,17 +22,23 @@ import structlog
 
 from relay.auth import Authenticator, FailedLoginLockout
 from relay.config import Config, ConfigError, ListenConfig
-from relay.delivery import Destination, DirectDelivery, OutboxDestination, UpstreamDestination
+from relay.delivery import Destination, DirectDelivery, OutboxDestination, SpooledDelivery, UpstreamDestination
 from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
+from relay.spool import SqliteSpool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
+
+# Settings a running relay cannot take over on SIGHUP: they need a restart.
+RESTART_ONLY = ("listen", "spool", "delivery.mode")
 
 
 def build_destination(config: Config, hostname: str) -> Destination:
     if config.uses_outbox:
         return OutboxDestination(config.outbox)
     password = config.upstream_password.get_secret_value() if config.upstream_password else None
-    return UpstreamDestination(UpstreamPool(config.upstream, password, hostname))
+    return UpstreamDestination(
+        UpstreamPool(config.upstream, password, hostname), config.upstream.max_recipients_per_message
+    )
 
 
 def _refuse_encrypted_key() -> str:
@@ -78,7 +85,13 @@ class RelayServer:
         self.authenticator = build_authenticator(config.listen)
         self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
-        self.delivery = DirectDelivery(self.destination, config.upstream.max_connections)
+        self.spool: SqliteSpool | None = None
+        self.delivery: DirectDelivery | SpooledDelivery
+        if config.delivery.mode == "direct":
+            self.delivery = DirectDelivery(self.destination, config.upstream.max_connections)
+        else:
+            self.spool = SqliteSpool(config.spool.path)
+            self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname)
         self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
         self._server: asyncio.Server | None = None
 
@@ -101,6 +114,11 @@ class RelayServer:
         )
 
     async def start(self) -> None:
+        """Open the spool and resume its deliveries, then listen; raises OSError or sqlite3.Error."""
+        if self.spool is not None:
+            assert isinstance(self.delivery, SpooledDelivery)
+            await self.spool.open()
+            await self.delivery.start()
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         self._server = await loop.create_server(
@@ -119,11 +137,26 @@ class RelayServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    def reload(self, config: Config) -> list[str]:
+        """Take over policy, upstream and limits from a new config; returns the changes left for a restart."""
+        ignored = [key for key in RESTART_ONLY if _setting(self.config, key) != _setting(config, key)]
+        delivery = config.delivery.model_copy(update={"mode": self.config.delivery.mode})
+        kept = config.model_copy(
+            update={"listen": self.config.listen, "spool": self.config.spool, "delivery": delivery}
+        )
+        self.config = kept
+        self.handler.config = kept
+        self.destination = build_destination(kept, self.hostname)
+        self.delivery.reconfigure(kept, self.destination)
+        return ignored
+
     async def stop(self) -> None:
+        """Stop accepting, let deliveries in flight finish within delivery.stop_timeout, keep the rest."""
         if self._server is not None:
+            # close() shuts the listening sockets at once. Not wait_closed(): from Python 3.12 on it also
+            # waits for idle clients to leave, which could outlast Docker's SIGKILL.
             self._server.close()
-            await self._server.wait_closed()
-        await self.delivery.close()
+        await self.delivery.stop(self.config.delivery.stop_timeout)
 
 
 def warn_about_secret_files(config: Config) -> None:
@@ -137,19 +170,28 @@ def warn_about_secret_files(config: Config) -> None:
             log.warning("relay.secret_file_readable", key=key, path=str(path), fix=f"chmod 600 {path}")
 
 
-async def serve(config: Config) -> int:
+def _setting(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+async def serve(config: Config, reload_config: Callable[[], Config]) -> int:
     log = structlog.get_logger("relay")
     server = RelayServer(config)
     warn_about_secret_files(config)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
         log.error(
-            "relay.cannot_listen",
+            "relay.cannot_start",
             host=config.listen.host,
             port=config.listen.port,
-            error=exc.strerror or str(exc),
+            spool=str(config.spool.path) if server.spool else None,
+            error=getattr(exc, "strerror", None) or str(exc),
         )
+        await server.stop()
         return 1
     log.info(
         "relay.started",
@@ -157,19 +199,35 @@ async def serve(config: Config) -> int:
         pid=os.getpid(),
         event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         destination=server.destination.label,
+        delivery=config.delivery.mode,
+        spool=server.spool.label if server.spool else None,
         policy=config.policy.action,
         allowed_networks=list(config.listen.allowed_networks) or "loopback only",
         tls=config.listen.tls,
         auth=config.listen.auth,
         users=len(server.authenticator.accounts.current().by_name) if server.authenticator else None,
     )
+
+    def reload() -> None:
+        try:
+            new_config = reload_config()
+        except ConfigError as exc:
+            log.error("config.reload_refused", error=str(exc), hint="the relay keeps running with the old config")
+            return
+        ignored = server.reload(new_config)
+        log.info("config.reloaded", policy=new_config.policy.action, destination=server.destination.label)
+        if ignored:
+            log.warning("config.restart_needed", settings=ignored)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("relay.stopping")
     await server.stop()
+    log.info("relay.stopped")
     return 0
 
 
@@ -183,7 +241,7 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _run_one(config: Config) -> int:
+def _run_one(config: Config, reload_config: Callable[[], Config]) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
             "relay.internal_error",
@@ -193,7 +251,7 @@ def _run_one(config: Config) -> int:
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(quiet_exceptions)
-        return await serve(config)
+        return await serve(config, reload_config)
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(main())
@@ -214,7 +272,7 @@ def _reserve_port(config: Config) -> tuple[socket.socket, int]:
     return reservation, port
 
 
-def _supervise(config: Config) -> int:
+def _supervise(config: Config, reload_config: Callable[[], Config]) -> int:
     log = structlog.get_logger("relay")
     try:
         reservation, port = _reserve_port(config)
@@ -235,6 +293,14 @@ def _supervise(config: Config) -> int:
     # Installed before forking, so a signal that arrives meanwhile still reaches the workers.
     signal.signal(signal.SIGTERM, stop_workers)
     signal.signal(signal.SIGINT, stop_workers)
+
+    # Each worker reloads its own config.
+    def reload_workers(signum: int, frame: Any) -> None:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload_workers)
     for _ in range(config.listen.workers):
         if stopping:
             break
@@ -242,10 +308,11 @@ def _supervise(config: Config) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             reservation.close()
             code = 1
             try:
-                code = _run_one(worker_config)
+                code = _run_one(worker_config, reload_config)
             finally:
                 os._exit(code)
         workers.add(pid)
@@ -264,8 +331,8 @@ def _supervise(config: Config) -> int:
     return exit_code
 
 
-def run(config: Config) -> int:
+def run(config: Config, reload_config: Callable[[], Config]) -> int:
     """Serve until SIGTERM/SIGINT: in this process, or in listen.workers worker processes."""
     if config.listen.workers == 1:
-        return _run_one(config)
-    return _supervise(config)
+        return _run_one(config, reload_config)
+    return _supervise(config, reload_config)

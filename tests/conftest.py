@@ -188,8 +188,12 @@ def upstream(make_upstream: UpstreamFactory) -> Upstream:
 
 
 def relay_config(tmp_path: Path, environ: dict[str, str] | None = None) -> Config:
-    """A Config from RELAY_* settings only, listening on a free port, outbox under tmp_path."""
-    settings = {"RELAY_LISTEN_PORT": "0", "RELAY_OUTBOX": str(tmp_path / "outbox")}
+    """A Config from RELAY_* settings only, listening on a free port, outbox and spool under tmp_path."""
+    settings = {
+        "RELAY_LISTEN_PORT": "0",
+        "RELAY_OUTBOX": str(tmp_path / "outbox"),
+        "RELAY_SPOOL_PATH": str(tmp_path / "spool"),
+    }
     settings.update(environ or {})
     return load_config(None, settings)
 

@@ -131,11 +131,13 @@ def test_upstream_down_gives_the_client_451(serve_relay, swaks) -> None:
 def test_quick_start_without_upstream_writes_copies_to_the_outbox(serve_relay, swaks, tmp_path: Path) -> None:
     workdir = tmp_path / "quick-start"
     workdir.mkdir()
-    relay = serve_relay(cwd=workdir)
+    # The quick start runs on the defaults, so delivery goes through the spool (hybrid mode).
+    relay = serve_relay(cwd=workdir, RELAY_DELIVERY_MODE="hybrid")
 
     result = swaks(relay, SENDER, EVERYONE, INVITATION)
 
     assert result.returncode == 0, result.stdout
+    assert (workdir / "spool" / "spool.db").is_file()
     outbox = workdir / "outbox"
     names = sorted(os.listdir(outbox))
     assert len(names) == 6

@@ -35,7 +35,8 @@ def ascii_upstream(loops: LoopThread) -> Upstream:
 
 
 def test_a_utf8_copy_is_refused_not_downgraded(start_relay, ascii_upstream: Upstream) -> None:
-    relay = start_relay(ascii_upstream)
+    # Direct mode: the client's reply names the refused copy (hybrid would answer 250 and send a DSN).
+    relay = start_relay(ascii_upstream, RELAY_DELIVERY_MODE="direct")
     data = f"From: coach@coaching.test\r\nTo: jörg@bücher.test, {ANN}\r\nSubject: x\r\n\r\nHi\r\n".encode()
     with smtplib.SMTP(relay.host, relay.port) as client, pytest.raises(smtplib.SMTPDataError) as refused:
         client.sendmail("coach@coaching.test", ["jörg@bücher.test", ANN], data, mail_options=["SMTPUTF8"])

@@ -45,7 +45,8 @@ def test_defaults_match_the_documented_contract() -> None:
     assert config.upstream.max_connections == 4
     assert config.upstream.timeout == 60
     assert config.outbox == Path("./outbox")
-    assert config.delivery.mode == "direct"
+    assert config.delivery.mode == "hybrid"
+    assert config.spool.path == Path("./spool")
     assert config.policy.action == "split"
     assert config.policy.min_recipients == 2
     assert config.policy.internal_domains == ()

@@ -1,0 +1,158 @@
+"""The SQLite spool: one body per message, one row per copy, group commits, recovery and write errors."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relay.spool import QUEUED, SENDING, CopyResult, NewCopy, NewMessage, SpoolWriteError, SqliteSpool
+
+BODY = b"Hello.\r\n" * 100
+
+
+def message(
+    message_id: str, recipients: list[str], received_at: float = 1000.0, mail_from: str = "s@x.test"
+) -> NewMessage:
+    return NewMessage(
+        id=message_id,
+        mail_from=mail_from,
+        smtputf8=False,
+        body=BODY,
+        copies=tuple(NewCopy((r,), "split", f"To: {r}\r\n\r\n".encode()) for r in recipients),
+        received_at=received_at,
+    )
+
+
+@pytest.fixture
+async def spool(tmp_path: Path):
+    opened = SqliteSpool(tmp_path / "spool")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def rows(spool: SqliteSpool, query: str) -> list[tuple]:
+    with sqlite3.connect(spool.path) as db:
+        return db.execute(query).fetchall()
+
+
+async def test_the_database_is_in_wal_mode_with_full_sync(spool: SqliteSpool) -> None:
+    assert rows(spool, "PRAGMA journal_mode") == [("wal",)]
+    assert await spool._read(lambda db: db.execute("PRAGMA synchronous").fetchone()) == (2,)  # FULL
+
+
+async def test_the_spool_is_readable_by_the_relays_user_only(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test"]))
+    assert spool.path.parent.stat().st_mode & 0o777 == 0o700
+    for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+        assert (spool.path.parent / name).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_message_is_stored_once_and_each_copy_holds_only_its_headers(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test", "c@x.test"]))
+    assert rows(spool, "SELECT count(*), sum(length(body)) FROM messages") == [(1, len(BODY))]
+    copies = rows(spool, "SELECT recipients, headers, state FROM copies ORDER BY position")
+    assert copies == [(f"{r}@x.test", f"To: {r}@x.test\r\n\r\n".encode(), QUEUED) for r in "abc"]
+
+
+async def test_claimed_copies_of_one_message_share_one_body_object(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test"]))
+    claimed = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert [c.recipients for c in claimed] == [("a@x.test",), ("b@x.test",)]
+    assert claimed[0].body == BODY and claimed[0].body is claimed[1].body
+    assert rows(spool, "SELECT DISTINCT state, next_attempt FROM copies") == [(SENDING, 1060.0)]
+    assert await spool.claim_due(1000.0, 10, lease=60, known_bodies={}) == []
+    # A claim whose result was never stored runs out, and the copy is due again; a body in memory is reused.
+    in_memory = bytes(BODY)
+    again = await spool.claim_due(1060.0, 10, lease=60, known_bodies={"M1": in_memory})
+    assert len(again) == 2 and all(c.body is in_memory for c in again)
+
+
+async def test_copies_are_due_only_from_their_next_attempt(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test"], received_at=2000.0))
+    assert await spool.claim_due(1999.0, 10, lease=60, known_bodies={}) == []
+    assert await spool.next_due() == 2000.0
+
+
+async def test_a_message_settles_when_its_last_copy_is_done_and_its_failures_are_kept(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test"]))
+    first, second = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert await spool.record(CopyResult(first.id, delivered=first.recipients, sent_at=1001.0)) is False
+    assert await spool.settled() == []
+    failed = CopyResult(second.id, failed=(("b@x.test", "550 5.1.1 No such user"),), sent_at=1001.0)
+    assert await spool.record(failed) is True
+    (settled,) = await spool.settled()
+    assert settled.id == "M1" and settled.body == BODY
+    assert [(f.recipient, f.reply, f.headers) for f in settled.failures] == [
+        ("b@x.test", "550 5.1.1 No such user", b"To: b@x.test\r\n\r\n")
+    ]
+    await spool.retire("M1", message("BOUNCE", ["s@x.test"]))
+    assert rows(spool, "SELECT id FROM messages") == [("BOUNCE",)]
+    assert rows(spool, "SELECT count(*) FROM failures") == [(0,)]
+
+
+async def test_a_deferred_copy_keeps_only_the_recipients_left_and_counts_the_attempt(spool: SqliteSpool) -> None:
+    bcc_copy = NewCopy(("a@x.test", "b@x.test", "c@x.test"), "bcc", b"To: undisclosed-recipients:;\r\n\r\n")
+    await spool.store(NewMessage("M1", "s@x.test", False, BODY, (bcc_copy,), 1000.0))
+    (copy,) = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    result = CopyResult(
+        copy.id,
+        delivered=("a@x.test",),
+        failed=(("b@x.test", "550 5.1.1 unknown"),),
+        retry=("c@x.test",),
+        next_attempt=1030.0,
+        last_reply="451 4.3.0 later",
+        sent_at=1001.0,
+    )
+    assert await spool.record(result) is False
+    assert rows(spool, "SELECT recipients, state, attempts, next_attempt, last_reply FROM copies") == [
+        ("c@x.test", QUEUED, 1, 1030.0, "451 4.3.0 later")
+    ]
+    assert await spool.recent_sends(0) == [(1001.0, 1)]
+
+
+async def test_recover_makes_copies_that_were_being_sent_due_at_once(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test", "c@x.test"]))
+    await spool.claim_due(1000.0, 2, lease=3600, known_bodies={})
+    assert await spool.recover() == 2
+    assert len(await spool.claim_due(1000.0, 10, lease=60, known_bodies={})) == 3
+
+
+async def test_concurrent_stores_share_commits_and_each_is_durable(spool: SqliteSpool) -> None:
+    await asyncio.gather(*(spool.store(message(f"M{n}", [f"r{n}@x.test"])) for n in range(50)))
+    assert rows(spool, "SELECT count(*) FROM messages") == [(50,)]
+    assert rows(spool, "SELECT count(*) FROM copies") == [(50,)]
+
+
+async def test_a_duplicate_id_fails_alone_without_undoing_the_others(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test"]))
+    results = await asyncio.gather(
+        spool.store(message("M1", ["b@x.test"])), spool.store(message("M2", ["c@x.test"])), return_exceptions=True
+    )
+    assert isinstance(results[0], sqlite3.IntegrityError) and results[1] is None
+    assert rows(spool, "SELECT id FROM messages ORDER BY id") == [("M1",), ("M2",)]
+
+
+async def test_a_full_spool_is_a_452_and_keeps_what_was_stored(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test"]))
+    pages = await spool._read(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+    await spool._read(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
+    big = NewMessage("M2", "s@x.test", False, b"x" * 200_000, (NewCopy(("b@x.test",), "split", b"\r\n"),), 1000.0)
+    with pytest.raises(SpoolWriteError) as refused:
+        await spool.store(big)
+    assert (refused.value.code, refused.value.enhanced) == (452, "4.3.1")
+    assert rows(spool, "SELECT id FROM messages") == [("M1",)]
+
+
+async def test_queue_commands_see_retry_and_delete(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test"], received_at=5000.0))
+    (summary,) = await spool.summaries()
+    assert summary.id == "M1" and summary.size == len(BODY) and len(summary.copies) == 2
+    assert await spool.retry_now(10.0, "M1") == 2
+    assert await spool.next_due() == 10.0
+    assert await spool.delete("M1") is True
+    assert await spool.summary("M1") is None
+    assert rows(spool, "SELECT count(*) FROM copies") == [(0,)]
