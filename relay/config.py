@@ -172,6 +172,14 @@ class Config(_Section):
     def uses_outbox(self) -> bool:
         return self.upstream.host is None
 
+    @model_validator(mode="after")
+    def _rate_limit_needs_one_worker(self) -> Config:
+        # Each worker process counts only its own sends, so N workers would allow N times the limit.
+        limited = self.upstream.rate_limit.per_minute or self.upstream.rate_limit.per_day
+        if limited and self.listen.workers > 1:
+            raise ValueError("upstream.rate_limit is counted per process: with it set, listen.workers must be 1")
+        return self
+
 
 def _env_names(model: type[BaseModel], prefix: str, path: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Map every RELAY_* variable name to the key path it sets, derived from the model itself."""

@@ -260,6 +260,14 @@ class _Watch:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def recover_spool(spool: Spool) -> int:
+    """Requeue the copies a stopped or killed relay was sending; they may have arrived: at least once."""
+    in_flight = await spool.recover()
+    if in_flight:
+        structlog.get_logger("relay").warning("spool.recovered", in_flight=in_flight)
+    return in_flight
+
+
 class SpooledDelivery:
     """hybrid and queue modes: the spool first, then a scheduler that sends, retries and bounces."""
 
@@ -297,12 +305,14 @@ class SpooledDelivery:
     def _failed_folder(self) -> Path:
         return self._config.outbox / "failed"
 
-    async def start(self) -> None:
-        """Pick up where the last run stopped: resend what was in flight, finish settled messages."""
-        in_flight = await self._spool.recover()
-        if in_flight:
-            # These may have reached the upstream just before the stop: sent again, at least once.
-            self.log.warning("spool.recovered", in_flight=in_flight)
+    async def start(self, recover: bool = True) -> None:
+        """Pick up where the last run stopped: resend what was in flight, finish settled messages.
+
+        recover=False is for worker processes: the supervisor recovered the shared spool before forking,
+        and a worker must not requeue copies that another worker is sending.
+        """
+        if recover:
+            await recover_spool(self._spool)
         now = self._clock()
         for sent_at, recipients in await self._spool.recent_sends(now - 86_400):
             self._limiter.record(sent_at, recipients)

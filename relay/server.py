@@ -22,7 +22,14 @@ import structlog
 
 from relay.auth import Authenticator, FailedLoginLockout
 from relay.config import Config, ConfigError, ListenConfig
-from relay.delivery import Destination, DirectDelivery, OutboxDestination, SpooledDelivery, UpstreamDestination
+from relay.delivery import (
+    Destination,
+    DirectDelivery,
+    OutboxDestination,
+    SpooledDelivery,
+    UpstreamDestination,
+    recover_spool,
+)
 from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.spool import SqliteSpool
@@ -78,8 +85,9 @@ def build_authenticator(listen: ListenConfig) -> Authenticator | None:
 class RelayServer:
     """Raises ConfigError when the TLS certificate or the accounts file cannot be used."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, recover_spool: bool = True) -> None:
         self.config = config
+        self._recover_spool = recover_spool
         self.hostname = socket.gethostname()
         self.tls_context = client_tls_context(config.listen)
         self.authenticator = build_authenticator(config.listen)
@@ -118,7 +126,7 @@ class RelayServer:
         if self.spool is not None:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
-            await self.delivery.start()
+            await self.delivery.start(recover=self._recover_spool)
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         self._server = await loop.create_server(
@@ -177,9 +185,9 @@ def _setting(config: Config, dotted: str) -> Any:
     return value
 
 
-async def serve(config: Config, reload_config: Callable[[], Config]) -> int:
+async def serve(config: Config, reload_config: Callable[[], Config], recover_spool: bool = True) -> int:
     log = structlog.get_logger("relay")
-    server = RelayServer(config)
+    server = RelayServer(config, recover_spool)
     warn_about_secret_files(config)
     try:
         await server.start()
@@ -241,7 +249,7 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _run_one(config: Config, reload_config: Callable[[], Config]) -> int:
+def _run_one(config: Config, reload_config: Callable[[], Config], recover_spool: bool = True) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
             "relay.internal_error",
@@ -251,7 +259,7 @@ def _run_one(config: Config, reload_config: Callable[[], Config]) -> int:
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(quiet_exceptions)
-        return await serve(config, reload_config)
+        return await serve(config, reload_config, recover_spool)
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(main())
@@ -272,6 +280,15 @@ def _reserve_port(config: Config) -> tuple[socket.socket, int]:
     return reservation, port
 
 
+async def _recover_shared_spool(config: Config) -> None:
+    spool = SqliteSpool(config.spool.path)
+    await spool.open()
+    try:
+        await recover_spool(spool)
+    finally:
+        await spool.close()
+
+
 def _supervise(config: Config, reload_config: Callable[[], Config]) -> int:
     log = structlog.get_logger("relay")
     try:
@@ -280,6 +297,15 @@ def _supervise(config: Config, reload_config: Callable[[], Config]) -> int:
         log.error("relay.cannot_listen", host=config.listen.host, port=config.listen.port, error=exc.strerror)
         return 1
     worker_config = config.model_copy(update={"listen": config.listen.model_copy(update={"port": port})})
+    if config.delivery.mode != "direct":
+        # Once, before the workers share the spool: a worker recovering on its own would requeue
+        # copies that another worker is sending at that moment.
+        try:
+            asyncio.run(_recover_shared_spool(config))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("relay.cannot_start", spool=str(config.spool.path), error=str(exc))
+            reservation.close()
+            return 1
     workers: set[int] = set()
     stopping = False
 
@@ -312,7 +338,7 @@ def _supervise(config: Config, reload_config: Callable[[], Config]) -> int:
             reservation.close()
             code = 1
             try:
-                code = _run_one(worker_config, reload_config)
+                code = _run_one(worker_config, reload_config, recover_spool=False)
             finally:
                 os._exit(code)
         workers.add(pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from relay.server import RelayServer
+from relay.spool import NewCopy, NewMessage, SqliteSpool
+from tests.conftest import relay_config
+from tests.spool_support import RelayProcess, wait_until
 
 MESSAGE = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -75,3 +81,58 @@ def test_a_worker_that_dies_stops_the_relay_with_an_error(two_workers) -> None:
     assert relay.wait(20) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pids[1], 0)
+
+
+async def _leave_a_copy_in_flight(spool_path: Path) -> None:
+    """A copy claimed "being sent" with a lease far in the future: only a recovery can send it again."""
+    spool = SqliteSpool(spool_path)
+    await spool.open()
+    copy = NewCopy(("r@dst.test",), "original", b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\n")
+    await spool.store(NewMessage("INFLIGHT1", "a@src.test", False, b"body\r\n", (copy,), time.time()))
+    assert len(await spool.claim_due(time.time(), 10, 3600, {})) == 1
+    await spool.close()
+
+
+def test_a_worker_leaves_copies_in_flight_alone(tmp_path: Path, loops, upstream) -> None:
+    """What another worker is sending must not be requeued when a worker starts (recover_spool=False)."""
+    asyncio.run(_leave_a_copy_in_flight(tmp_path / "spool"))
+    settings = {
+        "RELAY_DELIVERY_MODE": "queue",
+        "RELAY_SPOOL_PATH": str(tmp_path / "spool"),
+        "RELAY_UPSTREAM_HOST": upstream.host,
+        "RELAY_UPSTREAM_PORT": str(upstream.port),
+        "RELAY_UPSTREAM_TLS": "none",
+    }
+    for recover, expected in ((False, 0), (True, 1)):
+        server = RelayServer(relay_config(tmp_path, settings), recover_spool=recover)
+        loops.run(server.start())
+        try:
+            arrived = wait_until(lambda: len(upstream.messages) >= 1, limit=1.5)
+            assert len(upstream.messages) == expected, (recover, arrived)
+        finally:
+            loops.run(server.stop())
+
+
+@pytest.mark.e2e
+def test_workers_share_the_spool_and_recover_it_once(tmp_path: Path, loops, upstream) -> None:
+    """A copy left "being sent" by a killed relay is requeued once, by the supervisor, and sent once."""
+    asyncio.run(_leave_a_copy_in_flight(tmp_path / "spool"))
+    relay = RelayProcess(
+        tmp_path,
+        {
+            "RELAY_LISTEN_WORKERS": "2",
+            "RELAY_DELIVERY_MODE": "queue",
+            "RELAY_UPSTREAM_HOST": upstream.host,
+            "RELAY_UPSTREAM_PORT": str(upstream.port),
+            "RELAY_UPSTREAM_TLS": "none",
+        },
+    )
+    try:
+        assert wait_until(lambda: sum(e.get("event") == "relay.started" for e in relay.events) == 2)
+        assert wait_until(lambda: len(upstream.messages) >= 1)
+        time.sleep(0.5)  # a second, wrongful send would come within the scheduler's poll interval
+        assert [m.rcpt_tos for m in upstream.messages] == [["r@dst.test"]]
+        assert [e.get("in_flight") for e in relay.events if e.get("event") == "spool.recovered"] == [1]
+    finally:
+        relay.terminate()
+        relay.stop()

@@ -281,3 +281,9 @@ def test_config_is_immutable() -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         config.listen.port = 25  # type: ignore[misc]
+
+
+def test_rate_limits_need_a_single_worker_because_each_process_counts_its_own() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.rate_limit.*listen\.workers"):
+        load_config(None, {"RELAY_LISTEN_WORKERS": "2", "RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"})
+    assert load_config(None, {"RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"}).listen.workers == 1
