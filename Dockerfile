@@ -14,11 +14,12 @@ LABEL org.opencontainers.image.title="privacy-relay" \
       org.opencontainers.image.description="A local SMTP relay that stops mail from exposing recipients' addresses to each other" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# The relay never runs as root: a system user owns only its working folder and the outbox.
+# The relay never runs as root: a system user owns only its working folder, the outbox and the spool.
 RUN groupadd --gid 10001 relay \
     && useradd --uid 10001 --gid relay --no-log-init --home-dir /var/lib/privacy-relay --create-home \
        --shell /usr/sbin/nologin relay \
-    && install --directory --owner relay --group relay /var/lib/privacy-relay/outbox
+    && install --directory --owner relay --group relay /var/lib/privacy-relay/outbox \
+    && install --directory --owner relay --group relay --mode 0700 /var/spool/privacy-relay
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -28,12 +29,14 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RELAY_LISTEN_HOST=0.0.0.0 \
-    RELAY_OUTBOX=/var/lib/privacy-relay/outbox
+    RELAY_OUTBOX=/var/lib/privacy-relay/outbox \
+    RELAY_SPOOL_PATH=/var/spool/privacy-relay
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /var/lib/privacy-relay
-VOLUME ["/var/lib/privacy-relay/outbox"]
+# The spool holds accepted mail until the upstream takes it: keep it on a volume across restarts.
+VOLUME ["/var/lib/privacy-relay/outbox", "/var/spool/privacy-relay"]
 EXPOSE 1025
 
 # Healthy when the relay answers an SMTP connection with its 220 greeting (smtplib raises otherwise).
