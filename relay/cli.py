@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import socket
 import sys
+import webbrowser
 from collections.abc import Sequence
 from email.utils import formatdate
 from pathlib import Path
@@ -18,6 +19,7 @@ from relay.errors import SmtpReply
 from relay.forwarder import probe_upstream
 from relay.logs import configure_logging
 from relay.message import parse_message
+from relay.oauth import OAuth2Error, device_code_login, installed_app_login, save_token
 from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Envelope
 from relay.rewrite import TraceInfo
@@ -117,6 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID")
     for action in (show, retry, delete):
         config_option(action)
+    auth = commands.add_parser(
+        "auth",
+        help="sign the relay in to an upstream with OAuth2 (Microsoft 365, Google)",
+        description="Sign in to an upstream that has oauth2 set, and store its refresh token in oauth2.token_file.",
+    )
+    auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    login = auth_commands.add_parser(
+        "login",
+        help="sign in interactively and store the refresh token",
+        description="Microsoft: shows a code to enter at Microsoft's sign-in page on any device. Google: opens "
+        "the browser, which comes back to a port on 127.0.0.1. The refresh token is written to "
+        "oauth2.token_file with mode 0600.",
+    )
+    login.add_argument("upstream", metavar="UPSTREAM", help="`upstream` for the default upstream")
+    config_option(login)
     return parser
 
 
@@ -184,6 +201,35 @@ def _user(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_in_browser(url: str) -> None:
+    print(f"Sign in with your browser; if it does not open, visit:\n{url}", flush=True)
+    webbrowser.open(url)
+
+
+def _auth_login(config: Config, name: str) -> int:
+    if name != "upstream":
+        print(f"privacy-relay: there is no upstream named {name!r} (the default one is `upstream`)", file=sys.stderr)
+        return 2
+    oauth2 = config.upstream.oauth2
+    if oauth2.provider is None or oauth2.token_file is None:
+        print(f"privacy-relay: {name}.oauth2.provider is not set, so there is nothing to sign in to", file=sys.stderr)
+        return 2
+    try:
+        if oauth2.provider == "microsoft":
+            token = asyncio.run(device_code_login(oauth2, lambda text: print(text, flush=True)))
+        else:
+            token = asyncio.run(installed_app_login(oauth2, _open_in_browser))
+        save_token(oauth2.token_file, token)
+    except OAuth2Error as exc:
+        print(f"privacy-relay: sign-in failed: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"privacy-relay: cannot write {oauth2.token_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"signed in; the refresh token is in {oauth2.token_file} (mode 0600). Try `privacy-relay check`.")
+    return 0
+
+
 def _check_listen(config: Config) -> bool:
     """What `serve` would load for clients: the TLS certificate and the accounts file, when configured."""
     from relay.server import build_authenticator, client_tls_context
@@ -217,7 +263,10 @@ def _check(config: Config, source: str) -> int:
         print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
         return 0
     password = config.upstream_password.get_secret_value() if config.upstream_password else None
-    steps = asyncio.run(probe_upstream(config.upstream, password, socket.gethostname()))
+    from relay.server import access_tokens
+
+    tokens = access_tokens(config.upstream)
+    steps = asyncio.run(probe_upstream(config.upstream, password, socket.gethostname(), tokens))
     for step in steps:
         print(f"{step.step}: {'OK' if step.ok else 'FAILED'}: {step.detail}")
     ok = all(step.ok for step in steps)
@@ -289,4 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.queue_commands import run_queue_command
 
         return run_queue_command(config, args.queue_command, getattr(args, "id", None))
+    if args.command == "auth":
+        return _auth_login(config, args.upstream)
     return _preview(config, args.file, args.mail_from, args.rcpt)

@@ -99,6 +99,29 @@ class RateLimitConfig(_Section):
     per_day: int | None = Field(default=None, ge=1)
 
 
+class OAuth2Config(_Section):
+    """XOAUTH2 login: the relay trades the refresh token in token_file for short-lived access tokens."""
+
+    # null: no OAuth2 (a password, or no AUTH). microsoft: Entra ID; google: Google accounts.
+    provider: Literal["microsoft", "google"] | None = None
+    # Microsoft's directory: common, organizations, or the tenant's ID or domain.
+    tenant: str = "common"
+    client_id: str | None = None
+    # Google's installed apps have one (Google says it is not confidential); Microsoft's public apps do not.
+    client_secret: SecretStr | None = None
+    token_file: Path | None = None
+    # The provider's endpoints, for national clouds and tests; null: the provider's public endpoints.
+    token_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    authorization_endpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _provider_needs_client(self) -> OAuth2Config:
+        if self.provider is not None and (self.client_id is None or self.token_file is None):
+            raise ValueError(f"provider is {self.provider!r}, so client_id and token_file must both be set")
+        return self
+
+
 class UpstreamConfig(_Section):
     host: str | None = None
     port: int = Field(default=587, ge=1, le=65535)
@@ -107,11 +130,24 @@ class UpstreamConfig(_Section):
     ca_file: Path | None = None
     username: str | None = None
     password_file: Path | None = None
+    oauth2: OAuth2Config = OAuth2Config()
     max_connections: int = Field(default=4, ge=1, le=100)
     timeout: float = Field(default=60, gt=0)
     rate_limit: RateLimitConfig = RateLimitConfig()
     # Gmail takes 100 recipients per message, Microsoft 365 500, SES 50: the smallest is the safe default.
     max_recipients_per_message: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _oauth2_has_user(self) -> UpstreamConfig:
+        if self.oauth2.provider is not None and not self.username:
+            raise ValueError("oauth2.provider is set, so username (the mailbox to log in as) must be set too")
+        if self.oauth2.provider is not None and self.password_file is not None:
+            raise ValueError("set either password_file or oauth2, not both")
+        return self
+
+    @property
+    def uses_oauth2(self) -> bool:
+        return self.oauth2.provider is not None
 
 
 class SpoolConfig(_Section):
@@ -303,7 +339,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raise ConfigError(_describe_errors(exc, source, env_set)) from None
     if config.upstream.password_file is not None or environ.get(PASSWORD_ENV):
         config = config.model_copy(update={"upstream_password": _read_password(config, environ)})
-    if config.upstream.username and config.upstream_password is None:
+    if config.upstream.username and not config.upstream.uses_oauth2 and config.upstream_password is None:
         raise ConfigError(
             "upstream.username is set but there is no password: set upstream.password_file "
             f"or the environment variable {PASSWORD_ENV}"

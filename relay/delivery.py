@@ -30,6 +30,7 @@ import structlog
 from relay.bounce import FailedRecipient, build_dsn, write_failed
 from relay.config import Config
 from relay.forwarder import SendOutcome, UpstreamPool, UpstreamReply
+from relay.oauth import OAuth2Error
 from relay.outbox import Outbox
 from relay.pacing import Pacer, RateLimiter, is_throttling, retry_delay
 from relay.rewrite import OutgoingCopy
@@ -124,6 +125,9 @@ def reply_for_exception(exc: BaseException, where: str) -> UpstreamReply:
             f"{where} refused the relay's login ({' '.join(exc.message.split())}); "
             "check upstream.username and the password",
         )
+    if isinstance(exc, OAuth2Error):
+        # Temporary: mail waits (the client retries) while someone signs in again.
+        return UpstreamReply(454, "4.7.0", f"no OAuth2 access token for {where}: {exc}")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 400:
         return UpstreamReply.parse(exc.code, f"{where}: {exc.message}")
     if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from relay.config import UpstreamConfig
+from relay.oauth import AccessTokens, OAuth2Error
 from relay.rewrite import OutgoingCopy
 from relay.transaction import UpstreamConnection, WireBodies, wire_form
 
@@ -66,6 +67,22 @@ def needs_smtputf8(mail_from: str, copy: OutgoingCopy, client_used_smtputf8: boo
     return not (mail_from.isascii() and all(r.isascii() for r in copy.recipients) and copy.headers.isascii())
 
 
+async def log_in(
+    client: aiosmtplib.SMTP, config: UpstreamConfig, password: str | None, tokens: AccessTokens | None
+) -> None:
+    """AUTH as config says: XOAUTH2 with an access token, a password, or nothing."""
+    if tokens is not None:
+        assert config.username is not None
+        token = await tokens.current()
+        try:
+            await client.auth_xoauth2(config.username, token)
+        except aiosmtplib.SMTPAuthenticationError:
+            # Expired early or revoked: one more try with a token fresh from the provider.
+            await client.auth_xoauth2(config.username, await tokens.refreshed(token))
+    elif config.username:
+        await client.login(config.username, password or "")
+
+
 class UpstreamPool:
     """At most max_connections open connections to one upstream, reused across messages and copies.
 
@@ -73,11 +90,18 @@ class UpstreamPool:
     commands pipelined and its body in a wire form shared by all copies of the message.
     """
 
-    def __init__(self, config: UpstreamConfig, password: str | None, local_hostname: str) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        password: str | None,
+        local_hostname: str,
+        tokens: AccessTokens | None = None,
+    ) -> None:
         assert config.host is not None
         self._config = config
         self._host = config.host
         self._password = password
+        self._tokens = tokens
         self._local_hostname = local_hostname
         self._slots = asyncio.Semaphore(config.max_connections)
         self._idle: list[UpstreamConnection] = []
@@ -107,8 +131,7 @@ class UpstreamPool:
                     await client.ehlo()
                 except aiosmtplib.SMTPHeloError:
                     await client.helo()
-            if config.username:
-                await client.login(config.username, self._password or "")
+            await log_in(client, config, self._password, self._tokens)
             return UpstreamConnection.take_over(client, config.timeout)
         except BaseException:
             client.close()
@@ -190,7 +213,9 @@ class ProbeStep:
     detail: str
 
 
-async def probe_upstream(config: UpstreamConfig, password: str | None, local_hostname: str) -> list[ProbeStep]:
+async def probe_upstream(
+    config: UpstreamConfig, password: str | None, local_hostname: str, tokens: AccessTokens | None = None
+) -> list[ProbeStep]:
     """Connect, EHLO, TLS and AUTH one step at a time, sending no mail; what worked and what did not."""
     assert config.host is not None
     tls_context = build_tls_context(config) if config.tls != "none" else None
@@ -222,10 +247,11 @@ async def probe_upstream(config: UpstreamConfig, password: str | None, local_hos
             steps.append(ProbeStep(current, True, "TLS started, certificate accepted"))
         if config.username:
             current = "auth"
-            await client.login(config.username, password or "")
-            steps.append(ProbeStep(current, True, f"logged in as {config.username}"))
+            await log_in(client, config, password, tokens)
+            how = " with OAuth2 (XOAUTH2)" if tokens is not None else ""
+            steps.append(ProbeStep(current, True, f"logged in as {config.username}{how}"))
         await client.quit()
-    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError, OAuth2Error) as exc:
         steps.append(ProbeStep(current, False, " ".join(str(exc).split()) or type(exc).__name__))
         client.close()
     return steps

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from relay.auth import Authenticator, FailedLoginLockout
-from relay.config import Config, ConfigError, ListenConfig
+from relay.config import Config, ConfigError, ListenConfig, UpstreamConfig
 from relay.delivery import (
     Destination,
     DirectDelivery,
@@ -32,6 +32,7 @@ from relay.delivery import (
 )
 from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
+from relay.oauth import AccessTokens
 from relay.spool import SqliteSpool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
 
@@ -43,9 +44,14 @@ def build_destination(config: Config, hostname: str) -> Destination:
     if config.uses_outbox:
         return OutboxDestination(config.outbox)
     password = config.upstream_password.get_secret_value() if config.upstream_password else None
-    return UpstreamDestination(
-        UpstreamPool(config.upstream, password, hostname), config.upstream.max_recipients_per_message
-    )
+    pool = UpstreamPool(config.upstream, password, hostname, access_tokens(config.upstream))
+    return UpstreamDestination(pool, config.upstream.max_recipients_per_message)
+
+
+def access_tokens(upstream: UpstreamConfig) -> AccessTokens | None:
+    if not upstream.uses_oauth2:
+        return None
+    return AccessTokens(upstream.oauth2, "privacy-relay auth login upstream")
 
 
 def _refuse_encrypted_key() -> str:

@@ -9,6 +9,7 @@ Tests then talk to them with smtplib, as a real client would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -22,6 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import Config, load_config
 from relay.server import RelayServer
+from tests.oauth_server import TokenEndpoint
 
 LOOPBACK = "127.0.0.1"
 
@@ -96,6 +98,25 @@ class RecordingHandler:
 
 
 @dataclass
+class XOAuth2Handler(RecordingHandler):
+    """An upstream that takes XOAUTH2 logins whose bearer token is in valid_tokens, as Microsoft 365 does."""
+
+    username: str = ""
+    valid_tokens: set[str] = field(default_factory=set)
+    # Every bearer token a client tried, in order.
+    tried_tokens: list[str] = field(default_factory=list)
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        fields = base64.b64decode(args[1]).decode().split("\x01")
+        user = fields[0].removeprefix("user=")
+        token = fields[1].removeprefix("auth=Bearer ")
+        self.tried_tokens.append(token)
+        if user == self.username and token in self.valid_tokens:
+            return AuthResult(success=True)
+        return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+
+@dataclass
 class Upstream:
     host: str
     port: int
@@ -119,8 +140,10 @@ class UpstreamFactory:
         self,
         tls: str = "none",
         credentials: tuple[str, str] | None = None,
+        xoauth2_user: str | None = None,
     ) -> Upstream:
-        handler = RecordingHandler()
+        """xoauth2_user: require XOAUTH2 as that user, with a token the test puts in handler.valid_tokens."""
+        handler = RecordingHandler() if xoauth2_user is None else XOAuth2Handler(username=xoauth2_user)
         ca: trustme.CA | None = None
         server_context: ssl.SSLContext | None = None
         if tls != "none":
@@ -146,7 +169,7 @@ class UpstreamFactory:
                 tls_context=server_context if tls == "starttls" else None,
                 require_starttls=tls == "starttls",
                 authenticator=authenticator if credentials else None,
-                auth_required=bool(credentials),
+                auth_required=bool(credentials or xoauth2_user),
                 auth_require_tls=tls != "none",
             )
 
@@ -280,3 +303,11 @@ def write_users(tmp_path: Path, user_password_hash: str) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def token_endpoint() -> Iterator[TokenEndpoint]:
+    """An OAuth2 provider on a free loopback port: token, device-authorization and authorization endpoints."""
+    endpoint = TokenEndpoint()
+    yield endpoint
+    endpoint.close()
