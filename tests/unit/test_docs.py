@@ -27,7 +27,7 @@ QUICK_START = (
     "bash .ci/run",
 )
 REFERENCE_ENTRY = re.compile(
-    r"^#### `(?P<key>[a-z_.]+)`\n\nDefault: `(?P<default>[^`]*)` · Environment: `(?P<env>RELAY_[A-Z_]+)`$",
+    r"^#### `(?P<key>[a-z0-9_.]+)`\n\nDefault: `(?P<default>[^`]*)` · Environment: `(?P<env>RELAY_[A-Z0-9_]+)`$",
     re.MULTILINE,
 )
 ENV_NAME = re.compile(r"\bRELAY_[A-Z0-9_]*[A-Z0-9]\b")
