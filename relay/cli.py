@@ -14,15 +14,16 @@ from pathlib import Path
 
 from relay import __version__
 from relay.addresses import parse_address_list
-from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
 from relay.errors import SmtpReply
 from relay.forwarder import probe_upstream
 from relay.logs import configure_logging
 from relay.message import parse_message
-from relay.oauth import OAuth2Error, device_code_login, installed_app_login, save_token
+from relay.oauth import AccessTokens, OAuth2Error, device_code_login, installed_app_login, save_token
 from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Envelope
 from relay.rewrite import TraceInfo
+from relay.routing import route_for
 from relay.users import (
     Account,
     UsersFileError,
@@ -132,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
         "the browser, which comes back to a port on 127.0.0.1. The refresh token is written to "
         "oauth2.token_file with mode 0600.",
     )
-    login.add_argument("upstream", metavar="UPSTREAM", help="`upstream` for the default upstream")
+    login.add_argument(
+        "upstream", metavar="UPSTREAM", help="`upstream` for the default upstream, else a name from `upstreams`"
+    )
     config_option(login)
     return parser
 
@@ -207,12 +210,15 @@ def _open_in_browser(url: str) -> None:
 
 
 def _auth_login(config: Config, name: str) -> int:
-    if name != "upstream":
-        print(f"privacy-relay: there is no upstream named {name!r} (the default one is `upstream`)", file=sys.stderr)
+    upstream = config.upstream if name == "upstream" else config.upstreams.get(name)
+    if upstream is None:
+        known = ", ".join(["upstream", *sorted(config.upstreams)])
+        print(f"privacy-relay: there is no upstream named {name!r} (there are: {known})", file=sys.stderr)
         return 2
-    oauth2 = config.upstream.oauth2
+    oauth2 = upstream.oauth2
+    key = "upstream" if name == "upstream" else f"upstreams.{name}"
     if oauth2.provider is None or oauth2.token_file is None:
-        print(f"privacy-relay: {name}.oauth2.provider is not set, so there is nothing to sign in to", file=sys.stderr)
+        print(f"privacy-relay: {key}.oauth2.provider is not set, so there is nothing to sign in to", file=sys.stderr)
         return 2
     try:
         if oauth2.provider == "microsoft":
@@ -259,19 +265,39 @@ def _check(config: Config, source: str) -> int:
     print(f"config: OK ({source})")
     if not _check_listen(config):
         return 1
-    if config.uses_outbox:
-        print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
-        return 0
-    password = config.upstream_password.get_secret_value() if config.upstream_password else None
     from relay.server import access_tokens
 
-    tokens = access_tokens(config.upstream)
-    steps = asyncio.run(probe_upstream(config.upstream, password, socket.gethostname(), tokens))
+    ok = True
+    if config.uses_outbox:
+        print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
+    else:
+        password = config.upstream_password.get_secret_value() if config.upstream_password else None
+        ok = _probe("upstream", config.upstream, password, access_tokens(config.upstream))
+    for name, upstream in config.upstreams.items():
+        secret = config.named_upstream_passwords.get(name)
+        password = secret.get_secret_value() if secret else None
+        print(f"\nupstreams.{name} ({upstream.host}:{upstream.port}):")
+        ok = _probe(f"upstreams.{name}", upstream, password, access_tokens(upstream, name)) and ok
+    return 0 if ok else 1
+
+
+def _probe(key: str, upstream: UpstreamConfig, password: str | None, tokens: AccessTokens | None) -> bool:
+    steps = asyncio.run(probe_upstream(upstream, password, socket.gethostname(), tokens))
     for step in steps:
         print(f"{step.step}: {'OK' if step.ok else 'FAILED'}: {step.detail}")
     ok = all(step.ok for step in steps)
-    print("upstream: ready" if ok else "upstream: NOT ready, see above")
-    return 0 if ok else 1
+    print(f"{key}: ready" if ok else f"{key}: NOT ready, see above")
+    return ok
+
+
+def _describe_route(config: Config, mail_from: str) -> str:
+    name = route_for(mail_from, config.routes)
+    if name is not None:
+        upstream = config.upstreams[name]
+        return f"{name} ({upstream.host}:{upstream.port}, chosen by routes)"
+    if config.uses_outbox:
+        return f"none; the outbox folder {config.outbox}"
+    return f"upstream ({config.upstream.host}:{config.upstream.port}, no route matched)"
 
 
 def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str] | None) -> int:
@@ -299,6 +325,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
     trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
     envelope = Envelope(mail_from, tuple(rcpts))
     print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
+    print(f"upstream: {_describe_route(config, mail_from)}")
     try:
         prepared = prepare(envelope, data, config.policy, trace, f"<preview@{hostname}>")
     except PrivacyCheckFailed as failure:

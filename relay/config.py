@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 ENV_PREFIX = "RELAY_"
 PASSWORD_ENV = "RELAY_UPSTREAM_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
 DEFAULT_CONFIG_PATH = Path("config/relay.yaml")
+UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# Top-level keys set only in YAML: nested maps and lists have no RELAY_<SECTION>_<KEY> form.
+YAML_ONLY_KEYS = ("upstreams", "routes")
 
 
 class ConfigError(Exception):
@@ -154,6 +158,20 @@ class SpoolConfig(_Section):
     path: Path = Path("./spool")
 
 
+class RouteConfig(_Section):
+    """One line of routes: mail from `sender` (an address, or *@domain) leaves through `upstream`."""
+
+    sender: str
+    upstream: str
+
+    @model_validator(mode="after")
+    def _sender_is_address_or_domain(self) -> RouteConfig:
+        local, at, domain = self.sender.rpartition("@")
+        if not at or not local or not domain or ("*" in local and local != "*") or "*" in domain:
+            raise ValueError(f"sender: {self.sender!r} is neither an address nor *@domain")
+        return self
+
+
 class DeliveryConfig(_Section):
     mode: Literal["hybrid", "queue", "direct"] = "hybrid"
     sync_timeout: Duration = Field(default=20, ge=0)
@@ -201,8 +219,27 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
+    # Named upstreams besides `upstream`, chosen by routes; YAML only (no RELAY_* variables).
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict, json_schema_extra={"yaml_only": True})
+    # By envelope sender, first match wins; no match: `upstream` (Postfix's sender_dependent_relayhost_maps).
+    routes: tuple[RouteConfig, ...] = Field(default=(), json_schema_extra={"yaml_only": True})
     # Not a YAML key: read from upstream.password_file or RELAY_UPSTREAM_PASSWORD.
     upstream_password: SecretStr | None = Field(default=None, exclude=True)
+    # Not YAML keys either: each named upstream's password, read from its password_file.
+    named_upstream_passwords: dict[str, SecretStr] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _routes_name_upstreams(self) -> Config:
+        for name, upstream in self.upstreams.items():
+            if not UPSTREAM_NAME.fullmatch(name):
+                raise ValueError(f"upstreams.{name}: a name is lower-case letters, digits, - and _")
+            if upstream.host is None:
+                raise ValueError(f"upstreams.{name}.host: a named upstream needs a host")
+        for number, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams)) or "none are defined"
+                raise ValueError(f"routes[{number}].upstream: {route.upstream!r} is not one of upstreams ({known})")
+        return self
 
     @property
     def uses_outbox(self) -> bool:
@@ -221,7 +258,7 @@ def _env_names(model: type[BaseModel], prefix: str, path: tuple[str, ...]) -> di
     """Map every RELAY_* variable name to the key path it sets, derived from the model itself."""
     names: dict[str, tuple[str, ...]] = {}
     for field_name, field in model.model_fields.items():
-        if field.exclude:
+        if field.exclude or (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("yaml_only")):
             continue
         key_path = (*path, field_name)
         annotation = field.annotation
@@ -304,10 +341,14 @@ def _read_password(data: Config, environ: Mapping[str, str]) -> SecretStr | None
         return SecretStr(from_env)
     if data.upstream.password_file is None:
         return None
+    return _read_password_file(data.upstream.password_file, "upstream.password_file")
+
+
+def _read_password_file(path: Path, key: str) -> SecretStr:
     try:
-        text = data.upstream.password_file.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"upstream.password_file: cannot read {data.upstream.password_file}: {exc.strerror}") from exc
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
     return SecretStr(text.strip("\r\n"))
 
 
@@ -339,6 +380,16 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raise ConfigError(_describe_errors(exc, source, env_set)) from None
     if config.upstream.password_file is not None or environ.get(PASSWORD_ENV):
         config = config.model_copy(update={"upstream_password": _read_password(config, environ)})
+    named_passwords = {}
+    for name, upstream in config.upstreams.items():
+        if upstream.password_file is not None:
+            named_passwords[name] = _read_password_file(upstream.password_file, f"upstreams.{name}.password_file")
+        elif upstream.username and not upstream.uses_oauth2:
+            raise ConfigError(
+                f"upstreams.{name}.username is set but there is no password: set upstreams.{name}.password_file"
+            )
+    if named_passwords:
+        config = config.model_copy(update={"named_upstream_passwords": named_passwords})
     if config.upstream.username and not config.upstream.uses_oauth2 and config.upstream_password is None:
         raise ConfigError(
             "upstream.username is set but there is no password: set upstream.password_file "

@@ -18,7 +18,7 @@ import functools
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -28,12 +28,13 @@ import aiosmtplib
 import structlog
 
 from relay.bounce import FailedRecipient, build_dsn, write_failed
-from relay.config import Config
+from relay.config import Config, RouteConfig
 from relay.forwarder import SendOutcome, UpstreamPool, UpstreamReply
 from relay.oauth import OAuth2Error
 from relay.outbox import Outbox
 from relay.pacing import Pacer, RateLimiter, is_throttling, retry_delay
 from relay.rewrite import OutgoingCopy
+from relay.routing import route_for
 from relay.spool import (
     CopyResult,
     NewCopy,
@@ -182,17 +183,30 @@ class DeliveryReport:
 class DirectDelivery:
     """Sends every copy while the client waits, at most max_connections at a time."""
 
-    def __init__(self, default: Destination, concurrency: int) -> None:
+    def __init__(
+        self,
+        default: Destination,
+        concurrency: int,
+        named: Mapping[str, Destination] | None = None,
+        routes: Sequence[RouteConfig] = (),
+    ) -> None:
         self._default = default
         self._concurrency = concurrency
+        self._named = dict(named or {})
+        self._routes = tuple(routes)
 
-    def reconfigure(self, config: Config, destination: Destination) -> None:
-        old, self._default = self._default, destination
+    def reconfigure(
+        self, config: Config, destination: Destination, named: Mapping[str, Destination] | None = None
+    ) -> None:
+        old = [self._default, *self._named.values()]
+        self._default, self._named, self._routes = destination, dict(named or {}), config.routes
         self._concurrency = config.upstream.max_connections
-        _close_later(old)
+        for replaced in old:
+            _close_later(replaced)
 
     def destination_for(self, mail_from: str) -> Destination:
-        return self._default
+        name = route_for(mail_from, self._routes)
+        return self._default if name is None else self._named[name]
 
     async def deliver(
         self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
@@ -227,6 +241,8 @@ class DirectDelivery:
 
     async def stop(self, grace: float) -> None:
         await self._default.close()
+        for destination in self._named.values():
+            await destination.close()
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -282,9 +298,11 @@ class SpooledDelivery:
         config: Config,
         hostname: str,
         clock: Callable[[], float] = time.time,
+        named: Mapping[str, Destination] | None = None,
     ) -> None:
         self._spool = spool
         self._destination = destination
+        self._named = dict(named or {})
         self._config = config
         self._hostname = hostname
         self._clock = clock
@@ -303,7 +321,10 @@ class SpooledDelivery:
         self.log = structlog.get_logger("relay")
 
     def destination_for(self, upstream: str | None) -> Destination:
-        return self._destination
+        """The upstream the message's route chose when it arrived; one a reload removed falls back to the default."""
+        if upstream is None:
+            return self._destination
+        return self._named.get(upstream, self._destination)
 
     @property
     def _failed_folder(self) -> Path:
@@ -323,19 +344,25 @@ class SpooledDelivery:
         await self._retire_settled(None)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def reconfigure(self, config: Config, destination: Destination) -> None:
-        old = self._destination
+    def reconfigure(
+        self, config: Config, destination: Destination, named: Mapping[str, Destination] | None = None
+    ) -> None:
+        old = [self._destination, *self._named.values()]
         self._config = config
         self._destination = destination
+        self._named = dict(named or {})
         self._limiter.configure(config.upstream.rate_limit.per_minute, config.upstream.rate_limit.per_day)
         self._pacer = Pacer()
-        _close_later(old, list(self._in_flight.values()))
+        for replaced in old:
+            _close_later(replaced, list(self._in_flight.values()))
         self._wake.set()
 
     async def deliver(
         self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
     ) -> DeliveryReport:
-        report = DeliveryReport(self._destination.label, len(copies))
+        # Decided once, here, and kept with the message: a retry leaves through the same account.
+        upstream = route_for(mail_from, self._config.routes)
+        report = DeliveryReport(self.destination_for(upstream).label, len(copies))
         if not copies:
             return report
         body = copies[0].body
@@ -348,6 +375,7 @@ class SpooledDelivery:
             body=body,
             copies=tuple(NewCopy(c.recipients, c.kind, c.headers) for c in copies),
             received_at=self._clock(),
+            upstream=upstream,
         )
         hybrid = self._config.delivery.mode == "hybrid"
         watch = _Watch(len(copies), expected=len(copies))
@@ -672,4 +700,6 @@ class SpooledDelivery:
                 await asyncio.wait(unfinished)
             self.log.info("delivery.stopped", finished=len(in_flight) - len(unfinished), left=len(unfinished))
         await self._destination.close()
+        for destination in self._named.values():
+            await destination.close()
         await self._spool.close()

@@ -48,10 +48,21 @@ def build_destination(config: Config, hostname: str) -> Destination:
     return UpstreamDestination(pool, config.upstream.max_recipients_per_message)
 
 
-def access_tokens(upstream: UpstreamConfig) -> AccessTokens | None:
+def build_named_destinations(config: Config, hostname: str) -> dict[str, Destination]:
+    """One destination per entry of `upstreams`, for the routes."""
+    destinations: dict[str, Destination] = {}
+    for name, upstream in config.upstreams.items():
+        secret = config.named_upstream_passwords.get(name)
+        password = secret.get_secret_value() if secret else None
+        pool = UpstreamPool(upstream, password, hostname, access_tokens(upstream, name))
+        destinations[name] = UpstreamDestination(pool, upstream.max_recipients_per_message)
+    return destinations
+
+
+def access_tokens(upstream: UpstreamConfig, name: str = "upstream") -> AccessTokens | None:
     if not upstream.uses_oauth2:
         return None
-    return AccessTokens(upstream.oauth2, "privacy-relay auth login upstream")
+    return AccessTokens(upstream.oauth2, f"privacy-relay auth login {name}")
 
 
 def _refuse_encrypted_key() -> str:
@@ -99,13 +110,14 @@ class RelayServer:
         self.authenticator = build_authenticator(config.listen)
         self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
+        named = build_named_destinations(config, self.hostname)
         self.spool: SqliteSpool | None = None
         self.delivery: DirectDelivery | SpooledDelivery
         if config.delivery.mode == "direct":
-            self.delivery = DirectDelivery(self.destination, config.upstream.max_connections)
+            self.delivery = DirectDelivery(self.destination, config.upstream.max_connections, named, config.routes)
         else:
             self.spool = SqliteSpool(config.spool.path)
-            self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname)
+            self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
         self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
         self._server: asyncio.Server | None = None
 
@@ -161,7 +173,7 @@ class RelayServer:
         self.config = kept
         self.handler.config = kept
         self.destination = build_destination(kept, self.hostname)
-        self.delivery.reconfigure(kept, self.destination)
+        self.delivery.reconfigure(kept, self.destination, build_named_destinations(kept, self.hostname))
         return ignored
 
     async def stop(self) -> None:

@@ -210,15 +210,15 @@ def upstream(make_upstream: UpstreamFactory) -> Upstream:
     return make_upstream()
 
 
-def relay_config(tmp_path: Path, environ: dict[str, str] | None = None) -> Config:
-    """A Config from RELAY_* settings only, listening on a free port, outbox and spool under tmp_path."""
+def relay_config(tmp_path: Path, environ: dict[str, str] | None = None, config_file: Path | None = None) -> Config:
+    """A Config from RELAY_* settings (and a YAML file if given): a free port, outbox and spool under tmp_path."""
     settings = {
         "RELAY_LISTEN_PORT": "0",
         "RELAY_OUTBOX": str(tmp_path / "outbox"),
         "RELAY_SPOOL_PATH": str(tmp_path / "spool"),
     }
     settings.update(environ or {})
-    return load_config(None, settings)
+    return load_config(config_file, settings)
 
 
 @dataclass
@@ -231,15 +231,15 @@ class RunningRelay:
 
 @pytest.fixture
 def start_relay(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., RunningRelay]]:
-    """start_relay(RELAY_POLICY_ACTION="bcc", ...) -> a RunningRelay; stopped after the test."""
+    """start_relay(RELAY_POLICY_ACTION="bcc", ..., config_file=yaml_path) -> a RunningRelay; stopped after the test."""
     started: list[RelayServer] = []
 
-    def start(upstream: Upstream | None = None, **environ: str) -> RunningRelay:
+    def start(upstream: Upstream | None = None, config_file: Path | None = None, **environ: str) -> RunningRelay:
         if upstream is not None:
             environ.setdefault("RELAY_UPSTREAM_HOST", upstream.host)
             environ.setdefault("RELAY_UPSTREAM_PORT", str(upstream.port))
             environ.setdefault("RELAY_UPSTREAM_TLS", "none")
-        config = relay_config(tmp_path, environ)
+        config = relay_config(tmp_path, environ, config_file)
 
         async def boot() -> RelayServer:
             server = RelayServer(config)
