@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import ENV_KEYS, PASSWORD_ENV, Config, ConfigError, load_config
+from relay.config import ENV_KEYS, PASSWORD_ENV, YAML_ONLY_KEYS, Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -70,7 +70,7 @@ def tree_with(key_path: tuple[str, ...], value: Any) -> dict[str, Any]:
 def leaf_keys(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
     keys: set[tuple[str, ...]] = set()
     for name, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             keys |= leaf_keys(value, (*prefix, name))
         else:
             keys.add((*prefix, name))
@@ -106,7 +106,18 @@ def test_example_config_loads_and_states_every_default() -> None:
 
 def test_example_config_names_every_key() -> None:
     tree = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
-    assert leaf_keys(tree) == set(ENV_KEYS.values())
+    assert leaf_keys(tree) == set(ENV_KEYS.values()) | {(key,) for key in YAML_ONLY_KEYS}
+
+
+YAML_ONLY_ENTRY = re.compile(r"^#### `(?P<key>[a-z_]+)`\n\nDefault: `(?P<default>[^`]*)` · YAML only$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("key", YAML_ONLY_KEYS)
+def test_reference_documents_yaml_only_keys_with_their_defaults(key: str) -> None:
+    reference = section(README.read_text(encoding="utf-8"), "## Configuration reference")
+    entries = {m["key"]: m["default"] for m in YAML_ONLY_ENTRY.finditer(reference)}
+    documented = Config.model_validate({key: yaml.safe_load(entries[key])})
+    assert getattr(documented, key) == getattr(Config(), key)
 
 
 def test_reference_documents_every_key_with_its_environment_variable() -> None:
