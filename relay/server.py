@@ -191,6 +191,9 @@ def warn_about_secret_files(config: Config) -> None:
     secret_files = {"listen.key_file": listen.key_file}
     if listen.auth != "none":
         secret_files["listen.users_file"] = listen.users_file
+    upstreams = {"upstream": config.upstream, **{f"upstreams.{n}": u for n, u in config.upstreams.items()}}
+    for prefix, upstream in upstreams.items():
+        secret_files[f"{prefix}.oauth2.token_file"] = upstream.oauth2.token_file
     for key, path in secret_files.items():
         if path is not None and readable_by_others(path):
             log.warning("relay.secret_file_readable", key=key, path=str(path), fix=f"chmod 600 {path}")

@@ -13,11 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import structlog
 
 from relay.cli import main
 from relay.config import OAuth2Config
 from relay.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
-from tests.conftest import Upstream, UpstreamFactory
+from relay.server import warn_about_secret_files
+from tests.conftest import Upstream, UpstreamFactory, relay_config
 from tests.oauth_server import CLIENT_ID, TokenEndpoint
 
 # The XOAUTH2 test upstream has no TLS, which aiosmtpd warns about; the relay's TLS is tested elsewhere.
@@ -228,3 +230,17 @@ def test_saving_a_token_replaces_the_file_and_keeps_it_private(tmp_path: Path) -
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert load_token(token_file, "login") == StoredToken("refresh-9", "access-9", 123.0)
     assert [p.name for p in tmp_path.iterdir()] == ["token.json"]
+
+
+def test_start_up_warns_when_others_can_read_the_token_file(
+    tmp_path: Path, oauth_upstream: Upstream, token_endpoint: TokenEndpoint
+) -> None:
+    token_file = tmp_path / "m365.json"
+    save_token(token_file, StoredToken("refresh-0"))
+    config = relay_config(tmp_path, oauth_settings(oauth_upstream, token_endpoint, token_file))
+    with structlog.testing.capture_logs() as logs:
+        warn_about_secret_files(config)
+        token_file.chmod(0o644)
+        warn_about_secret_files(config)
+    warnings = [entry for entry in logs if entry["event"] == "relay.secret_file_readable"]
+    assert [w["key"] for w in warnings] == ["upstream.oauth2.token_file"]
