@@ -128,7 +128,7 @@ def reply_for_exception(exc: BaseException, where: str) -> UpstreamReply:
         )
     if isinstance(exc, OAuth2Error):
         # Temporary: mail waits (the client retries) while someone signs in again.
-        return UpstreamReply(454, "4.7.0", f"no OAuth2 access token for {where}: {exc}")
+        return UpstreamReply(454, "4.7.0", f"OAuth2 login to {where} failed: {exc}")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 400:
         return UpstreamReply.parse(exc.code, f"{where}: {exc.message}")
     if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():

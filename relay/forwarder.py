@@ -78,7 +78,16 @@ async def log_in(
             await client.auth_xoauth2(config.username, token)
         except aiosmtplib.SMTPAuthenticationError:
             # Expired early or revoked: one more try with a token fresh from the provider.
-            await client.auth_xoauth2(config.username, await tokens.refreshed(token))
+            fresh = await tokens.refreshed(token)
+            try:
+                await client.auth_xoauth2(config.username, fresh)
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                # A temporary failure, as Postfix's smtp_sasl_auth_soft_bounce: mail waits for the fix.
+                raise OAuth2Error(
+                    f"the upstream refused XOAUTH2 for {config.username} even with a fresh access token "
+                    f"({exc.code} {' '.join(exc.message.split())}); check that the mailbox allows authenticated "
+                    "SMTP and that the app may send mail (SMTP.Send, or https://mail.google.com/)"
+                ) from None
     elif config.username:
         await client.login(config.username, password or "")
 
