@@ -245,3 +245,26 @@ def test_start_up_warns_when_others_can_read_the_token_file(
         warn_about_secret_files(config)
     warnings = [entry for entry in logs if entry["event"] == "relay.secret_file_readable"]
     assert [w["key"] for w in warnings] == ["upstream.oauth2.token_file"]
+
+
+def test_auth_login_and_check_for_a_named_upstream(
+    tmp_path: Path, oauth_upstream: Upstream, token_endpoint: TokenEndpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token_file = tmp_path / "m365.json"
+    oauth2 = {key.removeprefix("RELAY_UPSTREAM_OAUTH2_").lower(): v for key, v in token_endpoint.settings().items()}
+    m365 = {
+        "host": oauth_upstream.host,
+        "port": oauth_upstream.port,
+        "tls": "none",
+        "username": MAILBOX,
+        "oauth2": {"provider": "microsoft", "token_file": str(token_file), **oauth2},
+    }
+    config = tmp_path / "relay.yaml"
+    config.write_text(json.dumps({"upstreams": {"m365": m365}}), encoding="utf-8")
+
+    assert main(["auth", "login", "m365", "--config", str(config)]) == 0
+    assert main(["auth", "login", "m356", "--config", str(config)]) == 2
+    assert "no upstream named 'm356' (there are: upstream, m365)" in capsys.readouterr().err
+
+    assert main(["check", "--config", str(config)]) == 0
+    assert "upstreams.m365: ready" in capsys.readouterr().out
