@@ -118,3 +118,34 @@ def test_preview_names_the_upstream_the_route_chooses(
     args = ["preview", str(message), "--config", str(config_file), "--mail-from", "x@elsewhere.test"]
     assert main(args) == 0
     assert f"upstream: upstream ({upstream.host}:{upstream.port}, no route matched)" in capsys.readouterr().out
+
+
+def test_the_route_is_kept_with_the_message_in_the_spool(
+    tmp_path: Path, make_upstream: UpstreamFactory, start_relay, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default, office = make_upstream(), make_upstream()
+    office.handler.mail_reply = "451 4.3.0 Try again later"
+    config_file = tmp_path / "relay.yaml"
+    config_file.write_text(
+        json.dumps(
+            {
+                "spool": {"path": str(tmp_path / "spool")},
+                "upstreams": {"office": upstream_entry(office)},
+                "routes": [{"sender": "*@coaching.test", "upstream": "office"}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    relay = start_relay(default, config_file=config_file, RELAY_DELIVERY_MODE="queue")
+
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("lee@coaching.test")
+        client.rcpt("ann@one.test")
+        code, reply = client.data(b"From: lee@coaching.test\r\nTo: ann@one.test\r\nSubject: Hi\r\n\r\nHello.\r\n")
+    assert code == 250
+    queue_id = reply.decode().split("queued as ")[1].split()[0]
+
+    assert main(["queue", "show", queue_id, "--config", str(config_file)]) == 0
+    assert "upstream:  office" in capsys.readouterr().out
+    assert default.messages == []

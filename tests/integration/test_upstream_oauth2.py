@@ -178,7 +178,8 @@ def test_an_upstream_that_rejects_even_a_fresh_token_is_not_asked_again_and_agai
     upstream = make_upstream(xoauth2_user="someone-else@coaching.test")  # wrong mailbox: no token helps
     token_file = tmp_path / "m365.json"
     save_token(token_file, StoredToken("refresh-0", "access-0", time.time() + 3600))
-    relay = start_relay(**oauth_settings(upstream, token_endpoint, token_file))
+    # direct: the client hears the verdict (in hybrid and queue modes the mail waits in the spool).
+    relay = start_relay(**oauth_settings(upstream, token_endpoint, token_file), RELAY_DELIVERY_MODE="direct")
 
     with pytest.raises(smtplib.SMTPDataError) as refused:
         send(relay)
@@ -198,7 +199,7 @@ def test_a_revoked_refresh_token_gives_a_clear_error_and_keeps_the_mail_for_a_re
     token_file = tmp_path / "m365.json"
     save_token(token_file, StoredToken("refresh-revoked", "access-expired", time.time() - 60))
     settings = oauth_settings(oauth_upstream, token_endpoint, token_file)
-    relay = start_relay(**settings)
+    relay = start_relay(**settings, RELAY_DELIVERY_MODE="direct")
 
     with pytest.raises(smtplib.SMTPDataError) as refused:
         send(relay)
