@@ -330,7 +330,9 @@ def _describe_errors(exc: ValidationError, source: str, env_set: Mapping[tuple[s
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
-        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+        # A whole section's input may hold a secret (oauth2.client_secret): only single values are quoted.
+        quoted = error["type"] != "extra_forbidden" and not isinstance(error.get("input"), dict)
+        shown = f" (got {error.get('input')!r})" if quoted else ""
         lines.append(f"  {key}: {message}{shown} — in {where}")
     return "invalid configuration:\n" + "\n".join(lines)
 

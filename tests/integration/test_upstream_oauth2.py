@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from relay.cli import main
-from relay.config import OAuth2Config
+from relay.config import ConfigError, OAuth2Config, load_config
 from relay.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
 from relay.server import warn_about_secret_files
 from tests.conftest import Upstream, UpstreamFactory, relay_config
@@ -269,3 +269,20 @@ def test_auth_login_and_check_for_a_named_upstream(
 
     assert main(["check", "--config", str(config)]) == 0
     assert "upstreams.m365: ready" in capsys.readouterr().out
+
+
+def test_a_config_error_in_the_oauth2_section_never_quotes_the_client_secret() -> None:
+    settings = {
+        "RELAY_UPSTREAM_HOST": "smtp.gmail.example",
+        "RELAY_UPSTREAM_OAUTH2_PROVIDER": "google",
+        "RELAY_UPSTREAM_OAUTH2_CLIENT_SECRET": "GOCSPX-not-for-logs",
+    }
+    with pytest.raises(ConfigError, match="client_id and token_file must both be set") as error:
+        load_config(None, settings)
+    assert "GOCSPX" not in str(error.value)
+    with pytest.raises(ConfigError, match="username") as error:
+        load_config(
+            None,
+            {**settings, **{k: "x" for k in ("RELAY_UPSTREAM_OAUTH2_CLIENT_ID", "RELAY_UPSTREAM_OAUTH2_TOKEN_FILE")}},
+        )
+    assert "GOCSPX" not in str(error.value)
