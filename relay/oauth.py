@@ -255,6 +255,8 @@ class _RedirectCatcher(BaseHTTPRequestHandler):
 
 class _RedirectServer(HTTPServer):
     redirect_query: dict[str, str] | None = None
+    # handle_request() returns after this many idle seconds, so Ctrl-C is not stuck behind a blocked thread.
+    timeout = 1.0
 
 
 async def installed_app_login(config: OAuth2Config, open_url: Callable[[str], None]) -> StoredToken:
