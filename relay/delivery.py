@@ -442,6 +442,10 @@ class SpooledDelivery:
             except SpoolWriteError as exc:
                 self.log.error("spool.write_failed", error=exc.text)
                 await self._sleep(POLL_INTERVAL)
+            except Exception:
+                # The scheduler must outlive a bug: logged, and the spool is looked at again shortly.
+                self.log.exception("delivery.scheduler_error")
+                await self._sleep(POLL_INTERVAL)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

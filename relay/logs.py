@@ -40,6 +40,7 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
     ]
     if not config.show_addresses:
         processors.append(_mask_processor)
