@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.outbox import write_atomically
+from relay.files import write_atomically
 
 CRLF = "\r\n"
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -24,6 +22,7 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from relay.config import OAuth2Config
+from relay.files import write_atomically
 
 # An access token is renewed this many seconds before it expires, so no login races its expiry.
 REFRESH_MARGIN = 300
@@ -100,16 +99,7 @@ def save_token(path: Path, token: StoredToken) -> None:
     content = json.dumps(
         {"refresh_token": token.refresh_token, "access_token": token.access_token, "expires_at": token.expires_at}
     )
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: mode 0600
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, (content.encode("utf-8"),))
 
 
 def _client(config: OAuth2Config, **options: Any) -> AsyncOAuth2Client:

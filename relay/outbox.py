@@ -6,25 +6,10 @@ Files are written atomically (temporary name, fsync, rename), so a reader never 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
+from relay.files import write_atomically
 from relay.rewrite import OutgoingCopy
-
-
-def write_atomically(path: Path, parts: tuple[bytes, ...]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        for part in parts:
-            handle.write(part)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class Outbox:

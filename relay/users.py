@@ -6,10 +6,8 @@ re-reads it when it changes, so `privacy-relay user add` takes effect without a 
 
 from __future__ import annotations
 
-import os
 import re
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from relay.addresses import normalize_address, validate_envelope_address
 from relay.errors import SmtpReply
+from relay.files import write_atomically
 
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id, 64 MiB, 3 passes).
 _HASHER = PasswordHasher()
@@ -157,21 +156,7 @@ def save_accounts(path: Path, accounts: Accounts) -> None:
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)  # created 0600
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(path, (text.encode("utf-8"),))
     except OSError as exc:
         raise UsersFileError(f"cannot write the accounts file {path}: {exc.strerror}") from exc
 
