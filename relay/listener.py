@@ -115,6 +115,18 @@ class ConnectionSlots:
             del self.per_client[client]
 
 
+async def _first_response(server: SMTP, args: list[str], prompt: str) -> bytes | None:
+    """The mechanism's first client response: the initial response given with AUTH, or the answer to a
+    challenge. None when the exchange already ended (undecodable base64, answered here; or a cancel)."""
+    if len(args) > 1:
+        response = _decode_base64(args[1])
+        if response is None:
+            await server.push("501 5.5.2 Cannot decode the base64 response")
+        return response
+    challenged = await server.challenge_auth(prompt)
+    return None if challenged is MISSING else bytes(challenged)
+
+
 def _decode_base64(text: str) -> bytes | None:
     try:
         return b64decode(text.encode("ascii"), validate=True)
@@ -177,16 +189,9 @@ class RelayHandler:
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         """RFC 4616: [authzid] NUL authcid NUL passwd, as an initial response or after an empty challenge."""
-        if len(args) > 1:
-            response = _decode_base64(args[1])
-            if response is None:
-                await server.push("501 5.5.2 Cannot decode the base64 response")
-                return AuthResult(success=False, handled=True)
-        else:
-            challenged = await server.challenge_auth("")
-            if challenged is MISSING:
-                return AuthResult(success=False, handled=True)
-            response = challenged
+        response = await _first_response(server, args, "")
+        if response is None:
+            return AuthResult(success=False, handled=True)
         parts = response.split(b"\x00")
         # Acting for another user (an authzid that differs) is not something this relay grants.
         if len(parts) != 3 or parts[0] not in (b"", parts[1]):
@@ -196,16 +201,9 @@ class RelayHandler:
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         """The de facto LOGIN mechanism (draft-murchison-sasl-login): user name, then password."""
-        if len(args) > 1:
-            name = _decode_base64(args[1])
-            if name is None:
-                await server.push("501 5.5.2 Cannot decode the base64 response")
-                return AuthResult(success=False, handled=True)
-        else:
-            challenged = await server.challenge_auth("Username:")
-            if challenged is MISSING:
-                return AuthResult(success=False, handled=True)
-            name = challenged
+        name = await _first_response(server, args, "Username:")
+        if name is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)

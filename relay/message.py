@@ -39,10 +39,6 @@ class HeaderField:
         unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", raw_value).rstrip(b"\r\n")
         return unfolded.decode("utf-8", errors="surrogateescape").strip()
 
-    @property
-    def is_8bit(self) -> bool:
-        return any(byte >= 0x80 for byte in self.raw)
-
 
 @dataclass(frozen=True, slots=True)
 class ParsedMessage:
