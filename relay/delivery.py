@@ -39,6 +39,7 @@ from relay.spool import (
     CopyResult,
     NewCopy,
     NewMessage,
+    Progress,
     SettledMessage,
     Spool,
     SpooledCopy,
@@ -261,6 +262,24 @@ def _close_later(destination: Destination, wait_for: Sequence[asyncio.Task[None]
     task.add_done_callback(_background.discard)
 
 
+def _claimed_copy(message: NewMessage, position: int, copy_id: int) -> SpooledCopy:
+    copy = message.copies[position]
+    return SpooledCopy(
+        id=copy_id,
+        message_id=message.id,
+        position=position,
+        kind=copy.kind,
+        recipients=copy.recipients,
+        headers=copy.headers,
+        body=message.body,
+        mail_from=message.mail_from,
+        smtputf8=message.smtputf8,
+        upstream=message.upstream,
+        received_at=message.received_at,
+        attempts=0,
+    )
+
+
 def _reply_text(reply: UpstreamReply) -> str:
     return f"{reply.code} {reply.enhanced} {reply.text}"
 
@@ -277,6 +296,8 @@ class _Watch:
     failed: dict[str, UpstreamReply] = field(default_factory=dict)
     deferred: int = 0
     settled: bool = False
+    # Every copy delivered: the spool has already forgotten the message, nothing is left to retire.
+    forgotten: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -368,16 +389,22 @@ class SpooledDelivery:
         body = copies[0].body
         if any(copy.body != body for copy in copies):
             raise ValueError("the copies of one message must share its body")
+        hybrid = self._config.delivery.mode == "hybrid"
+        now = self._clock()
+        starting = self._first_attempts_now(len(copies), now, hybrid)
+        lease_until = now + CLAIM_LEASE
         message = NewMessage(
             id=queue_id,
             mail_from=mail_from,
             smtputf8=smtputf8,
             body=body,
-            copies=tuple(NewCopy(c.recipients, c.kind, c.headers) for c in copies),
-            received_at=self._clock(),
+            copies=tuple(
+                NewCopy(c.recipients, c.kind, c.headers, lease_until if position < starting else 0.0)
+                for position, c in enumerate(copies)
+            ),
+            received_at=now,
             upstream=upstream,
         )
-        hybrid = self._config.delivery.mode == "hybrid"
         watch = _Watch(len(copies), expected=len(copies))
         if hybrid:
             self._watches[queue_id] = watch
@@ -385,16 +412,23 @@ class SpooledDelivery:
             self._hold_body(queue_id, body)
         try:
             try:
-                await self._spool.store(message)
+                copy_ids = await self._spool.store(message)
             except BaseException:
                 self._watches.pop(queue_id, None)
                 raise
-            self._wake.set()
+            if not self._stopping:
+                # Stored as claimed, so no scheduler (of this process or another worker) takes them too;
+                # if the relay stops before they go, the next start's recovery makes them due again.
+                for position in range(starting):
+                    self._launch(_claimed_copy(message, position, copy_ids[position]), now)
+            if starting < len(copies):
+                self._wake.set()
             if not hybrid:
                 report.queued = len(copies)
                 return report
             try:
-                await asyncio.wait_for(watch.done.wait(), self._config.delivery.sync_timeout)
+                async with asyncio.timeout(self._config.delivery.sync_timeout):
+                    await watch.done.wait()
             except TimeoutError:
                 pass
             finally:
@@ -403,6 +437,30 @@ class SpooledDelivery:
             if hybrid:
                 self._drop_body(queue_id)
         return await self._hybrid_report(queue_id, watch, report)
+
+    def _first_attempts_now(self, copies: int, now: float, hybrid: bool) -> int:
+        """How many copies of a new message start at once from memory, skipping a claim through the spool.
+
+        Rate limits and throttling leave the pacing to the scheduler. In queue mode only free connections
+        start at once, so a burst does not hold every queued body in memory; a hybrid client holds its
+        body while it waits anyway.
+        """
+        if self._stopping or self._limiter.allowance(now) is not None or self._pacer.interval > 0:
+            return 0
+        if hybrid:
+            return copies
+        free = self._config.upstream.max_connections - len(self._in_flight)
+        return max(0, min(copies, free))
+
+    def _launch(self, copy: SpooledCopy, now: float) -> None:
+        """Start one attempt of a claimed copy."""
+        self._limiter.record(now, len(copy.recipients))
+        self._pacer.started(now)
+        self._hold_body(copy.message_id, copy.body)
+        task = asyncio.get_running_loop().create_task(self._attempt(copy))
+        self._in_flight[copy.id] = task
+        self._in_flight_messages[copy.id] = (copy.message_id, copy.position)
+        task.add_done_callback(functools.partial(self._finished, copy.id, copy.message_id))
 
     def _hold_body(self, message_id: str, body: bytes) -> None:
         """Keep a message's body in memory while copies of it are being sent: one object, shared by all."""
@@ -432,7 +490,8 @@ class SpooledDelivery:
                 self._retire_pending = True
             return report
         report.bounced = len(watch.failed)
-        await self._retire_settled(queue_id)
+        if not watch.forgotten:
+            await self._retire_settled(queue_id)
         return report
 
     async def _run(self) -> None:
@@ -493,13 +552,7 @@ class SpooledDelivery:
                 self._stop_waiting_for_held_copies(copy.message_id)
                 continue
             self._capped_logged = False
-            self._limiter.record(now, len(copy.recipients))
-            self._pacer.started(now)
-            self._hold_body(copy.message_id, copy.body)
-            task = asyncio.get_running_loop().create_task(self._attempt(copy))
-            self._in_flight[copy.id] = task
-            self._in_flight_messages[copy.id] = (copy.message_id, copy.position)
-            task.add_done_callback(functools.partial(self._finished, copy.id, copy.message_id))
+            self._launch(copy, now)
 
     def _stop_waiting_for_held_copies(self, message_id: str) -> None:
         """A client waiting in hybrid mode hears about the copies in flight, not those a rate limit holds back."""
@@ -553,7 +606,7 @@ class SpooledDelivery:
                 reply = UpstreamReply(454, "4.7.0", f"{reply.text} (the relay keeps the mail and tries again)")
             outcome = SendOutcome(refused=dict.fromkeys(copy.recipients, reply))
         result, watch_failed = self._result(copy, outcome, self._clock())
-        settled = await self._record(result, copy.message_id)
+        progress = await self._record(result, copy.message_id)
         self.log.info(
             "copy.attempted",
             id=copy.message_id,
@@ -572,11 +625,13 @@ class SpooledDelivery:
                 watch.delivered += len(result.delivered)
                 watch.failed.update(watch_failed)
                 watch.deferred += int(bool(result.retry))
-            watch.settled = settled
-            if settled or len(watch.attempted) >= watch.expected:
+            # Once settled, a message stays settled: an earlier copy's result may be handled after a later one's.
+            watch.settled = watch.settled or progress is not Progress.SENDING
+            watch.forgotten = watch.forgotten or progress is Progress.DELIVERED
+            if watch.settled or len(watch.attempted) >= watch.expected:
                 watch.done.set()
             return
-        if settled:
+        if progress is Progress.SETTLED:
             await self._retire_settled(copy.message_id)
 
     async def _retire_settled(self, message_id: str | None) -> None:
@@ -588,7 +643,7 @@ class SpooledDelivery:
             self.log.error("spool.retire_failed", id=message_id, error=str(exc))
             self._retire_pending = True
 
-    async def _record(self, result: CopyResult, message_id: str) -> bool:
+    async def _record(self, result: CopyResult, message_id: str) -> Progress:
         """Store an attempt's outcome, trying again while the spool can't be written (disk full)."""
         while True:
             try:

@@ -2,28 +2,37 @@
 
 Each message's body is stored once; each copy is a row holding only its own header bytes, recipients
 and delivery state. Delivery logic talks to the Spool protocol only, so a shared database could back
-several relays later. SqliteSpool is the embedded implementation: WAL mode, synchronous=FULL, and every
-write goes through one thread that commits whatever has piled up in one transaction (one fsync for
-several messages), while each caller still waits for its own commit.
+several relays later. SqliteSpool is the embedded implementation: WAL mode, short transactions, and
+group commit (one fsync makes every commit made before it durable).
+
+What must survive a power cut is fsynced before the caller hears of it: a new message (the client's
+250) and a bounce. Claims and delivery results are not: like Postfix, which does not fsync a queue
+file's removal after delivery, losing them to a power cut can only make a copy go again (at least
+once, never lost). A crash of the relay alone loses nothing committed, fsynced or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from relay.errors import SmtpReply
 
 DATABASE_NAME = "spool.db"
+# How long a write waits for another process (a worker, the queue command) to release the database.
+BUSY_TIMEOUT = 10.0
+# How often the WAL is copied into the database (a checkpoint), so that it can start over.
+CHECKPOINT_INTERVAL = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -91,6 +100,16 @@ class NewCopy:
     recipients: tuple[str, ...]
     kind: str
     headers: bytes
+    # Non-zero: stored already claimed until then, for a first attempt sent from memory at once.
+    claimed_until: float = 0.0
+
+
+class Progress(enum.Enum):
+    """Where a message stands after an attempt's result is stored."""
+
+    SENDING = "sending"  # copies left to send
+    DELIVERED = "delivered"  # every copy delivered: the message is already forgotten
+    SETTLED = "settled"  # nothing left to send, failures to bounce: retire() comes next
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +201,8 @@ class MessageSummary:
 
 
 class Spool(Protocol):
-    async def store(self, message: NewMessage) -> None:
-        """Commit the message and its copy plan; raises SpoolWriteError when it cannot."""
+    async def store(self, message: NewMessage) -> tuple[int, ...]:
+        """Commit the message and its copy plan durably; the copies' ids, in order. SpoolWriteError if it cannot."""
 
     async def recover(self) -> int:
         """After a restart: copies that were being sent become due again; returns how many.
@@ -205,8 +224,8 @@ class Spool(Protocol):
     async def postpone(self, now: float, until: float) -> None:
         """Copies due now wait until then (a rate limit is reached), without counting an attempt."""
 
-    async def record(self, result: CopyResult) -> bool:
-        """Store an attempt's outcome; True when its message has no copy left to send.
+    async def record(self, result: CopyResult) -> Progress:
+        """Store an attempt's outcome and say where its message stands.
 
         A message delivered to everyone is forgotten at once; one with failures waits for retire().
         """
@@ -246,16 +265,109 @@ def _split_lines(text: str) -> tuple[str, ...]:
     return tuple(text.split("\n")) if text else ()
 
 
+class _WalSyncer:
+    """A thread that fsyncs the WAL as soon as a commit waits for it, and checkpoints it every second.
+
+    Commits made while an fsync runs share the next one (group commit), which starts at once in this
+    thread, without a round trip through the event loop.
+    """
+
+    def __init__(self, database: Path, wal: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._database = database
+        self._wal = wal
+        self._loop = loop
+        self._condition = threading.Condition()
+        self._requested = 0  # the latest commit waiting for an fsync (shared with the thread)
+        self._stopping = False
+        self._synced = 0  # the latest commit known to be on disk (event loop only)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (commit, future), event loop only
+        self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
+        self._thread.start()
+
+    async def sync(self, commit: int) -> None:
+        """Wait until commit number `commit` (and every one before it) is on disk."""
+        if commit <= self._synced:
+            return
+        future = self._loop.create_future()
+        self._waiters.append((commit, future))
+        with self._condition:
+            self._requested = max(self._requested, commit)
+            self._condition.notify()
+        await future
+
+    def _synced_up_to(self, commit: int, error: OSError | None) -> None:
+        self._synced = max(self._synced, commit)
+        waiting = []
+        for waiter_commit, future in self._waiters:
+            if waiter_commit > commit:
+                waiting.append((waiter_commit, future))
+            elif future.done():
+                continue  # the client went away meanwhile
+            elif error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(
+                    SpoolWriteError(
+                        451, "4.3.0", f"The relay cannot store the message right now ({error}); try again later"
+                    )
+                )
+        self._waiters = waiting
+
+    def _run(self) -> None:
+        synced = 0
+        last_checkpoint = time.monotonic()
+        checkpointer = sqlite3.connect(self._database, isolation_level=None, timeout=0)
+        try:
+            while True:
+                with self._condition:
+                    if self._requested <= synced and not self._stopping:
+                        self._condition.wait(CHECKPOINT_INTERVAL)
+                    target = self._requested
+                    stopping = self._stopping
+                if target > synced:
+                    error: OSError | None = None
+                    try:
+                        os.fsync(self._wal)
+                    except OSError as exc:
+                        error = exc
+                    synced = target
+                    self._loop.call_soon_threadsafe(self._synced_up_to, target, error)
+                if stopping:
+                    return
+                if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL:
+                    last_checkpoint = time.monotonic()
+                    # PASSIVE never waits for or blocks a writer; with nothing new in the WAL it does nothing.
+                    with contextlib.suppress(sqlite3.Error):
+                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            checkpointer.close()
+
+    def stop(self) -> None:
+        """Finish the fsync asked for, then end the thread."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join()
+
+
 class SqliteSpool:
-    """The Spool in one SQLite file, used by one thread; safe to open from the CLI while the relay runs."""
+    """The Spool in one SQLite file; safe to open from the CLI and from several workers at once.
+
+    Statements run on the event loop's thread: each takes microseconds (the pages are in the OS cache),
+    so they cost less than handing each one to a thread and back. What takes time, the fsync that makes
+    a commit durable, runs in a thread: the database is in synchronous=NORMAL, where a commit writes the
+    WAL without syncing it, and a durable write then waits for an fsync of the WAL, which is what
+    synchronous=FULL does at every commit. No write lock is held during an fsync, so other workers
+    keep writing.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / DATABASE_NAME
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._pending_lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
         self._folder = folder
+        self._connection: sqlite3.Connection | None = None
+        self._wal: int | None = None  # a descriptor of the -wal file, for fsync
+        self._syncer: _WalSyncer | None = None
+        self._commits = 0  # durable commits made so far
 
     @property
     def label(self) -> str:
@@ -267,75 +379,93 @@ class SqliteSpool:
         if not self.path.exists():
             # SQLite gives its -wal and -shm files the mode of the database file.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+        # timeout=0: a busy database is waited for without blocking the event loop (see _locked).
+        connection = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        connection.execute("PRAGMA busy_timeout=5000")  # only for opening: the schema and WAL set-up
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints (which fsync) run in the sync thread instead of inside some commit.
+        connection.execute("PRAGMA wal_autocheckpoint=0")
         connection.execute("PRAGMA foreign_keys=ON")
         connection.executescript(_SCHEMA)
+        connection.execute("PRAGMA busy_timeout=0")
         return connection
 
     async def open(self) -> None:
         """Create or open the database; raises sqlite3.Error or OSError when it cannot."""
-        loop = asyncio.get_running_loop()
-        self._connection = await loop.run_in_executor(self._executor, self._open)
+        self._connection = self._open()
+        # The schema write created the -wal file: sync its directory entry once, and keep it open to sync it.
+        self._wal = os.open(f"{self.path}-wal", os.O_RDWR)
+        directory = os.open(self._folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._syncer = _WalSyncer(self.path, self._wal, asyncio.get_running_loop())
+        await self._syncer.sync(self._commit_number())
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
             raise _closed()
         return self._connection
 
+    def _commit_number(self) -> int:
+        self._commits += 1
+        return self._commits
+
+    async def _locked(self, attempt: Callable[[], _T]) -> _T:
+        """Run attempt, waiting (without blocking the loop) while another process holds the database."""
+        deadline = asyncio.get_running_loop().time() + BUSY_TIMEOUT
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or asyncio.get_running_loop().time() > deadline:
+                    raise
+            # Another worker's transactions hold the lock for microseconds: look again soon.
+            await asyncio.sleep(0.001)
+
     async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._connection is None:
-            raise _closed()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: work(self._db()))
-
-    async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run work inside a transaction shared with every other write waiting at that moment."""
-        if self._connection is None:
-            raise _closed()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        with self._pending_lock:
-            self._pending.append((work, future))
-        await loop.run_in_executor(self._executor, self._commit_pending, loop)
-        return await future
-
-    def _commit_pending(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._pending_lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
         db = self._db()
-        results: list[Any] = []
-        try:
+        return await self._locked(lambda: work(db))
+
+    async def _write(self, work: Callable[[sqlite3.Connection], _T], durable: bool = True) -> _T:
+        """Run work in a transaction of its own; durable: return only once it is on disk.
+
+        An IntegrityError from work is raised as it is (the caller's mistake); other errors become
+        SpoolWriteError (disk full, I/O error): the client is told to try again later.
+        """
+        db = self._db()
+
+        def transaction() -> _T:
             db.execute("BEGIN IMMEDIATE")
-            for work, _ in batch:
-                # A savepoint per caller: one caller's mistake does not undo the others' work.
-                db.execute("SAVEPOINT one")
-                try:
-                    results.append(work(db))
-                except sqlite3.IntegrityError as exc:
-                    db.execute("ROLLBACK TO one")
-                    results.append(exc)
-                db.execute("RELEASE one")
-            db.execute("COMMIT")
-        except Exception as exc:
-            if db.in_transaction:
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            error: Exception = _write_error(exc) if isinstance(exc, sqlite3.Error) else exc
-            for _, future in batch:
-                loop.call_soon_threadsafe(_settle_future, future, error)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_settle_future, future, result)
+                raise
+            return result
 
-    async def store(self, message: NewMessage) -> None:
-        def insert(db: sqlite3.Connection) -> None:
-            _insert(db, message)
+        try:
+            result = await self._locked(transaction)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise _write_error(exc) from exc
+        if durable:
+            if self._syncer is None:
+                raise _closed()
+            await self._syncer.sync(self._commit_number())
+        return result
 
-        await self._write(insert)
+    async def store(self, message: NewMessage) -> tuple[int, ...]:
+        def insert(db: sqlite3.Connection) -> tuple[int, ...]:
+            return _insert(db, message)
+
+        return await self._write(insert)
 
     async def recover(self) -> int:
         def requeue(db: sqlite3.Connection) -> int:
@@ -386,7 +516,7 @@ class SqliteSpool:
                 for row in rows
             ]
 
-        return await self._write(claim)
+        return await self._write(claim, durable=False)
 
     async def release(self, copy_id: int, next_attempt: float) -> None:
         def put_back(db: sqlite3.Connection) -> None:
@@ -395,19 +525,19 @@ class SqliteSpool:
                 (QUEUED, next_attempt, copy_id),
             )
 
-        await self._write(put_back)
+        await self._write(put_back, durable=False)
 
     async def postpone(self, now: float, until: float) -> None:
         def delay(db: sqlite3.Connection) -> None:
             db.execute("UPDATE copies SET next_attempt = ? WHERE state = ? AND next_attempt <= ?", (until, QUEUED, now))
 
-        await self._write(delay)
+        await self._write(delay, durable=False)
 
-    async def record(self, result: CopyResult) -> bool:
-        def update(db: sqlite3.Connection) -> bool:
+    async def record(self, result: CopyResult) -> Progress:
+        def update(db: sqlite3.Connection) -> Progress:
             row = db.execute("SELECT message_id, headers FROM copies WHERE id = ?", (result.copy_id,)).fetchone()
             if row is None:
-                return False  # deleted with `queue delete` while it was being sent
+                return Progress.SENDING  # deleted with `queue delete` while it was being sent
             message_id, headers = row
             if result.delivered:
                 db.execute(
@@ -431,18 +561,19 @@ class SqliteSpool:
                         result.copy_id,
                     ),
                 )
-                return False
+                return Progress.SENDING
             db.execute("DELETE FROM copies WHERE id = ?", (result.copy_id,))
             left = db.execute("SELECT 1 FROM copies WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
             if left is not None:
-                return False
+                return Progress.SENDING
             failed = db.execute("SELECT 1 FROM failures WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
-            if failed is None:
-                # Every copy delivered: nothing to bounce, so the message goes now, in the same commit.
-                db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-            return True
+            if failed is not None:
+                return Progress.SETTLED
+            # Every copy delivered: nothing to bounce, so the message goes now, in the same commit.
+            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            return Progress.DELIVERED
 
-        return await self._write(update)
+        return await self._write(update, durable=False)
 
     async def next_due(self) -> float | None:
         def earliest(db: sqlite3.Connection) -> float | None:
@@ -514,23 +645,18 @@ class SqliteSpool:
         return await self._write(remove)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._connection is not None:
-            await loop.run_in_executor(self._executor, self._connection.close)
+            self._connection.close()
             self._connection = None
-        self._executor.shutdown(wait=False)
+        syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, syncer.stop)
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
 
 
-def _settle_future(future: asyncio.Future[Any], result: Any) -> None:
-    if future.cancelled():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
-
-
-def _insert(db: sqlite3.Connection, message: NewMessage) -> None:
+def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
     db.execute(
         "INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -548,10 +674,20 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> None:
         "INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (message.id, position, copy.kind, _lines(copy.recipients), copy.headers, QUEUED, message.received_at)
+            (
+                message.id,
+                position,
+                copy.kind,
+                _lines(copy.recipients),
+                copy.headers,
+                SENDING if copy.claimed_until else QUEUED,
+                copy.claimed_until or message.received_at,
+            )
             for position, copy in enumerate(message.copies)
         ],
     )
+    rows = db.execute("SELECT id FROM copies WHERE message_id = ? ORDER BY position", (message.id,))
+    return tuple(row[0] for row in rows)
 
 
 def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSummary]:

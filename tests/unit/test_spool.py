@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from relay.spool import QUEUED, SENDING, CopyResult, NewCopy, NewMessage, SpoolWriteError, SqliteSpool
+from relay.spool import QUEUED, SENDING, CopyResult, NewCopy, NewMessage, Progress, SpoolWriteError, SqliteSpool
 
 BODY = b"Hello.\r\n" * 100
 
@@ -39,9 +42,35 @@ def rows(spool: SqliteSpool, query: str) -> list[tuple]:
         return db.execute(query).fetchall()
 
 
-async def test_the_database_is_in_wal_mode_with_full_sync(spool: SqliteSpool) -> None:
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files fsynced, by name: a power cut cannot be staged here, so the syncs themselves are watched."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+async def test_the_database_is_in_wal_mode(spool: SqliteSpool) -> None:
     assert rows(spool, "PRAGMA journal_mode") == [("wal",)]
-    assert await spool._read(lambda db: db.execute("PRAGMA synchronous").fetchone()) == (2,)  # FULL
+
+
+async def test_a_new_message_is_fsynced_before_store_returns_and_a_result_is_not(
+    spool: SqliteSpool, fsyncs: list[str]
+) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test"]))
+    assert fsyncs == [f"{spool.path}-wal"]
+    first, _ = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    await spool.record(CopyResult(first.id, delivered=first.recipients, sent_at=1001.0))
+    # Lost to a power cut, a claim or a result only makes a copy go again.
+    assert fsyncs == [f"{spool.path}-wal"]
+    await spool.retire("M1", message("BOUNCE", ["s@x.test"]))
+    assert len(fsyncs) in (1, 2)  # not one per store
 
 
 async def test_the_spool_is_readable_by_the_relays_user_only(spool: SqliteSpool) -> None:
@@ -80,10 +109,10 @@ async def test_copies_are_due_only_from_their_next_attempt(spool: SqliteSpool) -
 async def test_a_message_settles_when_its_last_copy_is_done_and_its_failures_are_kept(spool: SqliteSpool) -> None:
     await spool.store(message("M1", ["a@x.test", "b@x.test"]))
     first, second = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
-    assert await spool.record(CopyResult(first.id, delivered=first.recipients, sent_at=1001.0)) is False
+    assert await spool.record(CopyResult(first.id, delivered=first.recipients, sent_at=1001.0)) is Progress.SENDING
     assert await spool.settled() == []
     failed = CopyResult(second.id, failed=(("b@x.test", "550 5.1.1 No such user"),), sent_at=1001.0)
-    assert await spool.record(failed) is True
+    assert await spool.record(failed) is Progress.SETTLED
     (settled,) = await spool.settled()
     assert settled.id == "M1" and settled.body == BODY
     assert [(f.recipient, f.reply, f.headers) for f in settled.failures] == [
@@ -92,6 +121,30 @@ async def test_a_message_settles_when_its_last_copy_is_done_and_its_failures_are
     await spool.retire("M1", message("BOUNCE", ["s@x.test"]))
     assert rows(spool, "SELECT id FROM messages") == [("BOUNCE",)]
     assert rows(spool, "SELECT count(*) FROM failures") == [(0,)]
+
+
+async def test_a_message_delivered_to_everyone_is_forgotten_with_its_last_result(spool: SqliteSpool) -> None:
+    await spool.store(message("M1", ["a@x.test", "b@x.test"]))
+    first, second = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert await spool.record(CopyResult(first.id, delivered=first.recipients, sent_at=1001.0)) is Progress.SENDING
+    assert await spool.record(CopyResult(second.id, delivered=second.recipients, sent_at=1001.0)) is (
+        Progress.DELIVERED
+    )
+    assert rows(spool, "SELECT count(*) FROM messages") == [(0,)]
+
+
+async def test_copies_stored_claimed_are_not_claimed_again_until_their_lease_runs_out(spool: SqliteSpool) -> None:
+    plan = message("M1", ["a@x.test", "b@x.test"])
+    claimed = dataclasses.replace(
+        plan, copies=(dataclasses.replace(plan.copies[0], claimed_until=4600.0), plan.copies[1])
+    )
+    ids = await spool.store(claimed)
+    assert rows(spool, "SELECT id, state, next_attempt FROM copies ORDER BY position") == [
+        (ids[0], SENDING, 4600.0),
+        (ids[1], QUEUED, 1000.0),
+    ]
+    assert [c.id for c in await spool.claim_due(1000.0, 10, lease=9000, known_bodies={})] == [ids[1]]
+    assert [c.id for c in await spool.claim_due(4600.0, 10, lease=60, known_bodies={})] == [ids[0]]
 
 
 async def test_a_deferred_copy_keeps_only_the_recipients_left_and_counts_the_attempt(spool: SqliteSpool) -> None:
@@ -107,7 +160,7 @@ async def test_a_deferred_copy_keeps_only_the_recipients_left_and_counts_the_att
         last_reply="451 4.3.0 later",
         sent_at=1001.0,
     )
-    assert await spool.record(result) is False
+    assert await spool.record(result) is Progress.SENDING
     assert rows(spool, "SELECT recipients, state, attempts, next_attempt, last_reply FROM copies") == [
         ("c@x.test", QUEUED, 1, 1030.0, "451 4.3.0 later")
     ]
@@ -121,8 +174,18 @@ async def test_recover_makes_copies_that_were_being_sent_due_at_once(spool: Sqli
     assert len(await spool.claim_due(1000.0, 10, lease=60, known_bodies={})) == 3
 
 
-async def test_concurrent_stores_share_commits_and_each_is_durable(spool: SqliteSpool) -> None:
+async def test_stores_made_during_an_fsync_share_the_next_one(
+    spool: SqliteSpool, fsyncs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.2)  # a slow disk: the other 49 stores commit while this one syncs
+        counting_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
     await asyncio.gather(*(spool.store(message(f"M{n}", [f"r{n}@x.test"])) for n in range(50)))
+    assert len(fsyncs) in (1, 2)  # not one per store
     assert rows(spool, "SELECT count(*) FROM messages") == [(50,)]
     assert rows(spool, "SELECT count(*) FROM copies") == [(50,)]
 
@@ -132,7 +195,7 @@ async def test_a_duplicate_id_fails_alone_without_undoing_the_others(spool: Sqli
     results = await asyncio.gather(
         spool.store(message("M1", ["b@x.test"])), spool.store(message("M2", ["c@x.test"])), return_exceptions=True
     )
-    assert isinstance(results[0], sqlite3.IntegrityError) and results[1] is None
+    assert isinstance(results[0], sqlite3.IntegrityError) and isinstance(results[1], tuple)
     assert rows(spool, "SELECT id FROM messages ORDER BY id") == [("M1",), ("M2",)]
 
 
