@@ -72,7 +72,7 @@ class ListenConfig(_Section):
     # Bytes per second a client must keep up while sending a message: the DATA deadline is
     # command_timeout plus size / min_data_rate (Postfix's smtpd_min_data_rate).
     min_data_rate: int = Field(default=500, ge=1)
-    # Processes accepting connections on the same port (SO_REUSEPORT), so more than one core works.
+    # Processes that serve the connections the supervisor accepts (relay/workers.py), so more than one core works.
     # Each worker applies max_connections, max_connections_per_ip and max_auth_failures on its own.
     workers: int = Field(default=1, ge=1, le=64)
 

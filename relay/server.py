@@ -1,15 +1,12 @@
 """Wiring: the socket, the handler, the delivery and its spool, worker processes; SIGTERM stops, SIGHUP reloads.
 
-With listen.workers > 1 the relay forks that many workers, each an independent relay (its own event loop,
-upstream connections and delivery) listening on the same port with SO_REUSEPORT, so the kernel spreads
-connections over them and every core works. The parent only supervises: it forwards SIGTERM/SIGINT and,
-if a worker dies on its own, stops the others and exits with an error for the service manager to see.
+With listen.workers > 1, relay/workers.py listens and hands connections to worker processes, each
+running the RelayServer here on connections it receives instead of accepting them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -28,13 +25,13 @@ from relay.delivery import (
     OutboxDestination,
     SpooledDelivery,
     UpstreamDestination,
-    recover_spool,
 )
 from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.oauth import AccessTokens
 from relay.spool import SqliteSpool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
+from relay.workers import ConnectionReceiver, supervise
 
 # Settings a running relay cannot take over on SIGHUP: they need a restart.
 RESTART_ONLY = ("listen", "spool", "delivery.mode")
@@ -102,9 +99,12 @@ def build_authenticator(listen: ListenConfig) -> Authenticator | None:
 class RelayServer:
     """Raises ConfigError when the TLS certificate or the accounts file cannot be used."""
 
-    def __init__(self, config: Config, recover_spool: bool = True) -> None:
+    def __init__(self, config: Config, recover_spool: bool = True, channel: socket.socket | None = None) -> None:
+        """channel: a worker's end of the supervisor's hand-out of connections, instead of a listening socket."""
         self.config = config
         self._recover_spool = recover_spool
+        self._channel = channel
+        self._receiver: ConnectionReceiver | None = None
         self.hostname = socket.gethostname()
         self.tls_context = client_tls_context(config.listen)
         self.authenticator = build_authenticator(config.listen)
@@ -145,21 +145,37 @@ class RelayServer:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
             await self.delivery.start(recover=self._recover_spool)
+        if self._channel is not None:
+            self._receiver = ConnectionReceiver(self._channel, self._serve_connection)
+            return
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         self._server = await loop.create_server(
             self._protocol,
             host=listen.host,
             port=listen.port,
-            ssl=self.tls_context if listen.tls == "implicit" else None,
+            ssl=self._implicit_tls,
             # asyncio's default of 100 would drop a burst of connections the limits allow.
             backlog=max(100, listen.max_connections),
-            reuse_port=listen.workers > 1,
         )
 
     @property
+    def _implicit_tls(self) -> ssl.SSLContext | None:
+        return self.tls_context if self.config.listen.tls == "implicit" else None
+
+    async def _serve_connection(self, connection: socket.socket) -> None:
+        """A connection the supervisor accepted and handed to this worker."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection, ssl=self._implicit_tls)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # Only implicit TLS can fail here (a handshake); asyncio's own server drops those quietly too.
+            structlog.get_logger("relay").info("client.tls_failed", error=str(exc) or type(exc).__name__)
+            connection.close()
+
+    @property
     def port(self) -> int:
-        assert self._server is not None
+        if self._server is None:
+            return self.config.listen.port  # a worker: the supervisor put the real port in its config
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
@@ -182,6 +198,8 @@ class RelayServer:
             # close() shuts the listening sockets at once. Not wait_closed(): from Python 3.12 on it also
             # waits for idle clients to leave, which could outlast Docker's SIGKILL.
             self._server.close()
+        if self._receiver is not None:
+            self._receiver.close()
         await self.delivery.stop(self.config.delivery.stop_timeout)
 
 
@@ -206,9 +224,14 @@ def _setting(config: Config, dotted: str) -> Any:
     return value
 
 
-async def serve(config: Config, reload_config: Callable[[], Config], recover_spool: bool = True) -> int:
+async def serve(
+    config: Config,
+    reload_config: Callable[[], Config],
+    recover_spool: bool = True,
+    channel: socket.socket | None = None,
+) -> int:
     log = structlog.get_logger("relay")
-    server = RelayServer(config, recover_spool)
+    server = RelayServer(config, recover_spool, channel)
     warn_about_secret_files(config)
     try:
         await server.start()
@@ -270,7 +293,12 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _run_one(config: Config, reload_config: Callable[[], Config], recover_spool: bool = True) -> int:
+def _run_one(
+    config: Config,
+    reload_config: Callable[[], Config],
+    recover_spool: bool = True,
+    channel: socket.socket | None = None,
+) -> int:
     def quiet_exceptions(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         structlog.get_logger("relay").error(
             "relay.internal_error",
@@ -280,106 +308,18 @@ def _run_one(config: Config, reload_config: Callable[[], Config], recover_spool:
 
     async def main() -> int:
         asyncio.get_running_loop().set_exception_handler(quiet_exceptions)
-        return await serve(config, reload_config, recover_spool)
+        return await serve(config, reload_config, recover_spool, channel)
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(main())
-
-
-def _reserve_port(config: Config) -> tuple[socket.socket, int]:
-    """A bound, not listening, SO_REUSEPORT socket that holds the port (a free one if port is 0) for the workers."""
-    listen = config.listen
-    family, kind, proto, _, address = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0]
-    reservation = socket.socket(family, kind, proto)
-    try:
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(address)
-    except OSError:
-        reservation.close()
-        raise
-    port: int = reservation.getsockname()[1]
-    return reservation, port
-
-
-async def _recover_shared_spool(config: Config) -> None:
-    spool = SqliteSpool(config.spool.path)
-    await spool.open()
-    try:
-        await recover_spool(spool)
-    finally:
-        await spool.close()
-
-
-def _supervise(config: Config, reload_config: Callable[[], Config]) -> int:
-    log = structlog.get_logger("relay")
-    try:
-        reservation, port = _reserve_port(config)
-    except OSError as exc:
-        log.error("relay.cannot_listen", host=config.listen.host, port=config.listen.port, error=exc.strerror)
-        return 1
-    worker_config = config.model_copy(update={"listen": config.listen.model_copy(update={"port": port})})
-    if config.delivery.mode != "direct":
-        # Once, before the workers share the spool: a worker recovering on its own would requeue
-        # copies that another worker is sending at that moment.
-        try:
-            asyncio.run(_recover_shared_spool(config))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("relay.cannot_start", spool=str(config.spool.path), error=str(exc))
-            reservation.close()
-            return 1
-    workers: set[int] = set()
-    stopping = False
-
-    def stop_workers(signum: int = signal.SIGTERM, frame: Any = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    # Installed before forking, so a signal that arrives meanwhile still reaches the workers.
-    signal.signal(signal.SIGTERM, stop_workers)
-    signal.signal(signal.SIGINT, stop_workers)
-
-    # Each worker reloads its own config.
-    def reload_workers(signum: int, frame: Any) -> None:
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
-
-    signal.signal(signal.SIGHUP, reload_workers)
-    for _ in range(config.listen.workers):
-        if stopping:
-            break
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            reservation.close()
-            code = 1
-            try:
-                code = _run_one(worker_config, reload_config, recover_spool=False)
-            finally:
-                os._exit(code)
-        workers.add(pid)
-    exit_code = 0
-    while workers:
-        pid, status = os.wait()
-        workers.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if not stopping:
-            log.error("relay.worker_died", pid=pid, exit_code=code)
-            exit_code = 1
-            stop_workers()
-        elif code != 0:
-            exit_code = exit_code or 1
-    reservation.close()
-    return exit_code
 
 
 def run(config: Config, reload_config: Callable[[], Config]) -> int:
     """Serve until SIGTERM/SIGINT: in this process, or in listen.workers worker processes."""
     if config.listen.workers == 1:
         return _run_one(config, reload_config)
-    return _supervise(config, reload_config)
+
+    def run_worker(worker_config: Config, channel: socket.socket) -> int:
+        return _run_one(worker_config, reload_config, recover_spool=False, channel=channel)
+
+    return supervise(config, run_worker)

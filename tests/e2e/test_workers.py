@@ -1,4 +1,4 @@
-"""listen.workers: several relay processes on one port (SO_REUSEPORT), supervised by the parent."""
+"""listen.workers: several relay processes serving one port, fed connections in turn by the supervisor."""
 
 from __future__ import annotations
 
@@ -72,6 +72,32 @@ def test_two_workers_share_one_port_and_stop_together(two_workers) -> None:
     for pid in worker_pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _client_connections_by_worker(port: int, worker_pids: list[int]) -> dict[int, int]:
+    """How many established connections to the relay's port each worker holds (from /proc)."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            established.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in worker_pids:
+        fds = Path(f"/proc/{pid}/fd")
+        counts[pid] = sum(1 for fd in fds.iterdir() if os.readlink(fd) in established)
+    return counts
+
+
+@pytest.mark.e2e
+def test_connections_are_dealt_to_the_workers_in_turn(two_workers) -> None:
+    _, port, _, worker_pids = two_workers
+    clients = [smtplib.SMTP("127.0.0.1", port) for _ in range(10)]
+    try:
+        # SO_REUSEPORT's hash of the addresses gave splits like 7 and 3; the supervisor deals 5 and 5.
+        assert sorted(_client_connections_by_worker(port, worker_pids).values()) == [5, 5]
+    finally:
+        for client in clients:
+            client.quit()
 
 
 @pytest.mark.e2e
