@@ -335,6 +335,8 @@ class SpooledDelivery:
         self._watches: dict[str, _Watch] = {}
         self._bodies: dict[str, tuple[bytes, int]] = {}  # message id -> (body, copies using it)
         self._wake = asyncio.Event()
+        # The scheduler last stopped short (no free connection, or a full batch): more may be due.
+        self._more_due = False
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._capped_logged = False
@@ -508,17 +510,20 @@ class SpooledDelivery:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(seconds, 0.0))
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._wake.wait()
 
     async def _dispatch(self) -> None:
         # Cleared before looking at the spool, so a message stored meanwhile cuts the next sleep short.
         self._wake.clear()
+        self._more_due = False
         if self._retire_pending:
             self._retire_pending = False
             await self._retire_settled(None)
         now = self._clock()
         free = self._config.upstream.max_connections - len(self._in_flight)
         if free <= 0:
+            self._more_due = True
             await self._sleep(POLL_INTERVAL)
             return
         allowance = self._limiter.allowance(now)
@@ -537,6 +542,7 @@ class SpooledDelivery:
             limit = 1
         known = {message_id: body for message_id, (body, _) in self._bodies.items()}
         batch = await self._spool.claim_due(now, limit, CLAIM_LEASE, known)
+        self._more_due = len(batch) >= limit
         if not batch:
             due = await self._spool.next_due()
             await self._sleep(POLL_INTERVAL if due is None else min(POLL_INTERVAL, due - now))
@@ -572,7 +578,8 @@ class SpooledDelivery:
         self._drop_body(message_id)
         self._in_flight.pop(copy_id, None)
         self._in_flight_messages.pop(copy_id, None)
-        self._wake.set()
+        if self._more_due:
+            self._wake.set()  # a connection is free for a copy that is waiting in the spool
 
     def _log_daily_cap(self, now: float, recipients: int) -> None:
         if self._capped_logged or not self._limiter.daily_capped(now, recipients):
