@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from relay.cli import main
 from relay.config import ConfigError, load_config
 from relay.queue_commands import run_queue_command
 from tests.conftest import USER_PASSWORD, UpstreamFactory
@@ -305,3 +306,15 @@ def test_upstream_auth_has_an_environment_variable() -> None:
     config = load_config(None, {"RELAY_UPSTREAM_HOST": "127.0.0.1", "RELAY_UPSTREAM_AUTH": "passthrough"})
     assert config.upstream.is_passthrough
     assert config.uses_passthrough
+
+
+def test_preview_says_a_passthrough_message_leaves_with_the_clients_login(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "relay.yaml"
+    config_file.write_text(json.dumps({"upstream": {"host": "127.0.0.1", "auth": "passthrough"}}), encoding="utf-8")
+    message_file = tmp_path / "m.eml"
+    message_file.write_bytes(message("kay@office.test"))
+
+    assert main(["preview", str(message_file), "--config", str(config_file)]) == 0
+    assert "logged in as the client" in capsys.readouterr().out
