@@ -4,16 +4,20 @@ at the upstream and uses for that session's mail only, sent while the client wai
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import smtplib
 import threading
+from base64 import b64encode
 from pathlib import Path
 
 import pytest
 import structlog
 
 from relay.cli import main
-from relay.config import ConfigError, load_config
+from relay.config import ConfigError, LoggingConfig, load_config
+from relay.logs import configure_logging
 from relay.queue_commands import run_queue_command
 from tests.conftest import USER_PASSWORD, UpstreamFactory
 from tests.spool_support import free_port, wait_until
@@ -318,3 +322,53 @@ def test_preview_says_a_passthrough_message_leaves_with_the_clients_login(
 
     assert main(["preview", str(message_file), "--config", str(config_file)]) == 0
     assert "logged in as the client" in capsys.readouterr().out
+
+
+def test_starttls_after_auth_ends_the_passthrough_login(
+    start_relay, make_upstream: UpstreamFactory, relay_certificate
+) -> None:
+    upstream = make_upstream(credentials=PASSWORDS)
+    relay = start_relay(
+        upstream,
+        RELAY_UPSTREAM_AUTH="passthrough",
+        RELAY_LISTEN_TLS="starttls",
+        RELAY_LISTEN_CERT_FILE=str(relay_certificate.cert_file),
+        RELAY_LISTEN_KEY_FILE=str(relay_certificate.key_file),
+    )
+
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        client.ehlo("desk")
+        assert auth_plain(client, "kay@office.test", PASSWORDS["kay@office.test"])[0] == 235
+        client.starttls(context=relay_certificate.client_context())
+        client.ehlo("desk")
+        # TLS starts a new SMTP session (RFC 3207): the login, and the upstream connection, are gone.
+        assert wait_until(lambda: upstream.handler.quits == 1)
+        assert client.mail("kay@office.test")[0] == 530
+    assert upstream.messages == []
+
+
+def test_passthrough_passwords_reach_no_log_and_no_reply(start_relay, make_upstream: UpstreamFactory) -> None:
+    upstream = make_upstream(credentials=PASSWORDS)
+    right, wrong = PASSWORDS["kay@office.test"], "kay's wrong but secret guess"
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="debug", format="json", show_addresses=True), stream=stream)
+    replies: list[bytes] = []
+    try:
+        relay = start_relay(upstream, RELAY_UPSTREAM_AUTH="passthrough")
+        # The right login and a message, a wrong password, and a password typed into the name field.
+        for name, password in (("kay@office.test", right), ("kay@office.test", wrong), (wrong, right)):
+            with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+                client.ehlo("desk")
+                replies.append(auth_plain(client, name, password)[1])
+                if name == "kay@office.test" and password == right:
+                    client.sendmail("kay@office.test", RECIPIENTS, message("kay@office.test"))
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger("mail.log").setLevel(logging.NOTSET)
+    log = stream.getvalue().encode()
+    assert b'"auth.succeeded"' in log and b'"auth.failed"' in log and b'"message.relayed"' in log
+    assert [reply[:5] for reply in replies] == [b"2.7.0", b"5.7.8", b"5.7.8"]
+    for secret in (right, wrong):
+        for form in (secret.encode(), b64encode(secret.encode())):
+            assert form not in log
+            assert not any(form in reply for reply in replies)
