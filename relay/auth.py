@@ -1,5 +1,5 @@
-"""Client AUTH: checking logins against the accounts file, locking out password guessers, and which
-sender addresses a login may use (Postfix's reject_sender_login_mismatch).
+"""Client AUTH: checking logins against the accounts file or a passthrough upstream, locking out password
+guessers, and which sender addresses a login may use (Postfix's reject_sender_login_mismatch).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import structlog
 from relay.addresses import parse_address_list
 from relay.errors import SmtpReply
 from relay.message import ParsedMessage
+from relay.passthrough import PassthroughLogins, PassthroughSession, UpstreamLoginRefused
+from relay.routing import UpstreamChoice
 from relay.users import Account, Accounts, AccountsFile, hash_password, verify_password
 
 LOCKOUT_WINDOW = 600.0  # seconds: failures are counted over this window, and a lockout lasts as long
@@ -91,32 +93,84 @@ def _check_login(account: Account | None, password: bytes) -> bool:
 
 
 class Authenticator:
-    """Verifies AUTH PLAIN/LOGIN credentials off the event loop, with the lockout in front."""
+    """Verifies AUTH PLAIN/LOGIN credentials off the event loop, with the lockout in front.
 
-    def __init__(self, accounts: AccountsFile, lockout: FailedLoginLockout) -> None:
+    A login name that routes to a passthrough upstream is checked there; any other against the accounts
+    file (none when listen.auth is none and AUTH is only offered for passthrough).
+    """
+
+    def __init__(
+        self,
+        accounts: AccountsFile | None,
+        lockout: FailedLoginLockout,
+        passthrough: PassthroughLogins | None = None,
+    ) -> None:
         self.accounts = accounts
         self.lockout = lockout
+        self.passthrough = passthrough
         self._checks = asyncio.Semaphore(CONCURRENT_PASSWORD_CHECKS)
+        # Logins in progress per client address, checked one after another: concurrent guesses would
+        # otherwise all be tried before the lockout counted any of them.
+        self._client_turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._log = structlog.get_logger("relay")
+
+    def current_accounts(self) -> Accounts:
+        return self.accounts.current() if self.accounts is not None else Accounts()
 
     def refusal_for(self, client: str) -> SmtpReply | None:
         return LOCKED_OUT if self.lockout.is_locked(client) else None
 
-    async def login(self, client: str, name: bytes, password: bytes) -> Account:
-        """The account for these credentials; raises SmtpReply (535 wrong, 454 locked out) otherwise."""
+    async def login(self, client: str, name: bytes, password: bytes) -> Account | PassthroughSession:
+        """The account or passthrough session for these credentials; raises SmtpReply (535 wrong, 454
+        locked out or the passthrough upstream unavailable) otherwise."""
+        lock, waiting = self._client_turns.get(client, (asyncio.Lock(), 0))
+        self._client_turns[client] = (lock, waiting + 1)
+        try:
+            async with lock:
+                return await self._login(client, name, password)
+        finally:
+            lock, waiting = self._client_turns[client]
+            if waiting == 1:
+                del self._client_turns[client]
+            else:
+                self._client_turns[client] = (lock, waiting - 1)
+
+    async def _login(self, client: str, name: bytes, password: bytes) -> Account | PassthroughSession:
         if self.lockout.is_locked(client):
             raise LOCKED_OUT
         try:
-            account = self.accounts.current().by_name.get(name.decode("utf-8"))
+            text_name: str | None = name.decode("utf-8")
         except UnicodeDecodeError:
-            account = None
+            text_name = None
+        if self.passthrough is not None and text_name is not None:
+            upstream = self.passthrough.upstream_for_login(text_name)
+            if upstream is not None:
+                return await self._passthrough_login(self.passthrough, upstream, client, text_name, password)
+        account = self.current_accounts().by_name.get(text_name) if text_name is not None else None
         async with self._checks:
             valid = await asyncio.to_thread(_check_login, account, password)
         if account is not None and valid:
             self._log.info("auth.succeeded", client=client, user=account.name)
             return account
         # Only a known name is logged: an unknown one is often a password typed in the wrong field.
-        self._log.info("auth.failed", client=client, user=account.name if account else None)
+        self._failed(client, user=account.name if account else None)
+        raise INVALID_CREDENTIALS
+
+    async def _passthrough_login(
+        self, logins: PassthroughLogins, upstream: UpstreamChoice, client: str, name: str, password: bytes
+    ) -> PassthroughSession:
+        try:
+            session = await logins.open_session(upstream, name, password)
+        except UpstreamLoginRefused:
+            # Counted as a local wrong password is, or the relay would let anyone guess passwords at the provider.
+            # The name is not logged: it may be a password typed in the wrong field.
+            self._failed(client, user=None, upstream=upstream.key)
+            raise INVALID_CREDENTIALS from None
+        self._log.info("auth.succeeded", client=client, login=name, upstream=upstream.key)
+        return session
+
+    def _failed(self, client: str, **context: str | None) -> None:
+        self._log.info("auth.failed", client=client, **context)
         if self.lockout.record_failure(client):
             self._log.warning(
                 "auth.locked_out",
@@ -124,7 +178,6 @@ class Authenticator:
                 failures=self.lockout.max_failures,
                 minutes=round(self.lockout.window / 60),
             )
-        raise INVALID_CREDENTIALS
 
 
 def sender_refusal(accounts: Accounts, login: Account | None, address: str, where: str) -> SmtpReply | None:

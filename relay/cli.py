@@ -253,11 +253,13 @@ def _check_listen(config: Config) -> bool:
         try:
             authenticator = build_authenticator(listen)
             assert authenticator is not None
-            users = len(authenticator.accounts.current().by_name)
+            users = len(authenticator.current_accounts().by_name)
             print(f"listen auth: OK: {listen.auth}, {users} user(s) in {listen.users_file}")
         except ConfigError as exc:
             print(f"listen auth: FAILED: {exc}")
             ok = False
+    if config.uses_passthrough:
+        print("listen auth: clients log in with their own accounts at the upstreams whose auth is passthrough")
     return ok
 
 
@@ -294,10 +296,15 @@ def _describe_route(config: Config, mail_from: str) -> str:
     name = route_for(mail_from, config.routes)
     if name is not None:
         upstream = config.upstreams[name]
-        return f"{name} ({upstream.host}:{upstream.port}, chosen by routes)"
+        return f"{name} ({upstream.host}:{upstream.port}, chosen by routes{_passthrough_note(upstream)})"
     if config.uses_outbox:
         return f"none; the outbox folder {config.outbox}"
-    return f"upstream ({config.upstream.host}:{config.upstream.port}, no route matched)"
+    upstream = config.upstream
+    return f"upstream ({upstream.host}:{upstream.port}, no route matched{_passthrough_note(upstream)})"
+
+
+def _passthrough_note(upstream: UpstreamConfig) -> str:
+    return "; sent while the client waits, logged in as the client" if upstream.is_passthrough else ""
 
 
 def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str] | None) -> int:

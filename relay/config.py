@@ -132,6 +132,9 @@ class UpstreamConfig(_Section):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     verify_certificate: bool = True
     ca_file: Path | None = None
+    # auto: log in with username and a password or oauth2, or not at all. passthrough: each client logs in
+    # with their own account at this upstream; the relay checks it there and keeps it only for that session.
+    auth: Literal["auto", "passthrough"] = "auto"
     username: str | None = None
     password_file: Path | None = None
     oauth2: OAuth2Config = OAuth2Config()
@@ -142,12 +145,36 @@ class UpstreamConfig(_Section):
     max_recipients_per_message: int = Field(default=50, ge=1)
 
     @model_validator(mode="after")
+    def _passthrough_stores_no_credential(self) -> UpstreamConfig:
+        if self.auth != "passthrough":
+            return self
+        stored = [
+            key
+            for key, value in (
+                ("username", self.username),
+                ("password_file", self.password_file),
+                ("oauth2", self.oauth2.provider),
+            )
+            if value is not None
+        ]
+        if stored:
+            raise ValueError(
+                f"auth is passthrough, so {', '.join(stored)} must not be set: the relay stores no credential "
+                "for this upstream; each client logs in with their own account"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _oauth2_has_user(self) -> UpstreamConfig:
         if self.oauth2.provider is not None and not self.username:
             raise ValueError("oauth2.provider is set, so username (the mailbox to log in as) must be set too")
         if self.oauth2.provider is not None and self.password_file is not None:
             raise ValueError("set either password_file or oauth2, not both")
         return self
+
+    @property
+    def is_passthrough(self) -> bool:
+        return self.auth == "passthrough"
 
     @property
     def uses_oauth2(self) -> bool:
@@ -244,6 +271,17 @@ class Config(_Section):
     @property
     def uses_outbox(self) -> bool:
         return self.upstream.host is None
+
+    @property
+    def uses_passthrough(self) -> bool:
+        """True when some upstream takes each client's own login: then the relay offers AUTH to clients."""
+        return any(upstream.is_passthrough for upstream in (self.upstream, *self.upstreams.values()))
+
+    @model_validator(mode="after")
+    def _passthrough_needs_a_host(self) -> Config:
+        if self.upstream.is_passthrough and self.upstream.host is None:
+            raise ValueError("upstream.auth is passthrough, so upstream.host must be set: logins are checked there")
+        return self
 
     @model_validator(mode="after")
     def _rate_limit_needs_one_worker(self) -> Config:
@@ -380,6 +418,11 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         config = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, source, env_set)) from None
+    if config.upstream.is_passthrough and environ.get(PASSWORD_ENV):
+        raise ConfigError(
+            f"upstream.auth is passthrough, so the environment variable {PASSWORD_ENV} must not be set: "
+            "the relay stores no credential for that upstream"
+        )
     if config.upstream.password_file is not None or environ.get(PASSWORD_ENV):
         config = config.model_copy(update={"upstream_password": _read_password(config, environ)})
     named_passwords = {}
@@ -397,8 +440,20 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             "upstream.username is set but there is no password: set upstream.password_file "
             f"or the environment variable {PASSWORD_ENV}"
         )
+    check_passthrough_transport(config)
     check_listen_safety(config.listen)
     return config
+
+
+def check_passthrough_transport(config: Config) -> None:
+    """People's own passwords go to a passthrough upstream: never in clear text beyond this machine."""
+    upstreams = {"upstream": config.upstream, **{f"upstreams.{n}": u for n, u in config.upstreams.items()}}
+    for key, upstream in upstreams.items():
+        if upstream.is_passthrough and upstream.tls == "none" and not is_loopback_host(upstream.host or ""):
+            raise ConfigError(
+                f"{key}.auth is passthrough but {key}.tls is none: each client's password would cross the "
+                f"network to {upstream.host} in clear text. Set {key}.tls: starttls or implicit"
+            )
 
 
 def is_loopback_host(host: str) -> bool:

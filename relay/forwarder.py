@@ -68,7 +68,7 @@ def needs_smtputf8(mail_from: str, copy: OutgoingCopy, client_used_smtputf8: boo
 
 
 async def log_in(
-    client: aiosmtplib.SMTP, config: UpstreamConfig, password: str | None, tokens: AccessTokens | None
+    client: aiosmtplib.SMTP, config: UpstreamConfig, password: str | bytes | None, tokens: AccessTokens | None
 ) -> None:
     """AUTH as config says: XOAUTH2 with an access token, a password, or nothing."""
     if tokens is not None:
@@ -102,7 +102,7 @@ class UpstreamPool:
     def __init__(
         self,
         config: UpstreamConfig,
-        password: str | None,
+        password: str | bytes | None,
         local_hostname: str,
         tokens: AccessTokens | None = None,
     ) -> None:
@@ -145,6 +145,10 @@ class UpstreamPool:
         except BaseException:
             client.close()
             raise
+
+    async def connect_ahead(self) -> None:
+        """Open and log in a connection now, kept for the next send; raises what open_connection raises."""
+        self._keep_or_close(await self.open_connection())
 
     async def send(self, mail_from: str, copy: OutgoingCopy, smtputf8: bool) -> SendOutcome:
         wire_body = self._bodies.acquire(copy.body)

@@ -29,6 +29,7 @@ from relay.data_reader import read_data
 from relay.delivery import DeliveryReport
 from relay.errors import SmtpReply
 from relay.message import parse_message
+from relay.passthrough import PassthroughSession, own_login_refusal
 from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
@@ -144,6 +145,11 @@ def _logged_in(session: Session) -> Account | None:
     return account if isinstance(account, Account) else None
 
 
+def _passthrough_of(session: Session | None) -> PassthroughSession | None:
+    login = session.auth_data if session is not None and session.authenticated else None
+    return login if isinstance(login, PassthroughSession) else None
+
+
 class RelayHandler:
     """aiosmtpd hooks. Holds the config and delivery it was built with."""
 
@@ -227,15 +233,38 @@ class RelayHandler:
                 validate_envelope_address(address, smtputf8=envelope.smtp_utf8)
             except SmtpReply as reply:
                 return reply.render()
-            if self.authenticator is not None:
-                refusal = sender_refusal(
-                    self.authenticator.accounts.current(), _logged_in(session), address, "MAIL FROM"
-                )
-                if refusal is not None:
-                    return refusal.render()
+        refusal = self._sender_refusal(session, "" if address == "<>" else address)
+        if refusal is not None:
+            return refusal.render()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender OK"
+
+    def _sender_refusal(self, session: Session, address: str) -> SmtpReply | None:
+        passthrough = _passthrough_of(session)
+        if passthrough is not None:
+            return passthrough.sender_refusal(self.config, address, "MAIL FROM")
+        refusal = own_login_refusal(self.config, address, bool(session.authenticated))
+        accounts = self.authenticator.accounts if self.authenticator is not None else None
+        if refusal is None and address and accounts is not None:
+            refusal = sender_refusal(accounts.current(), _logged_in(session), address, "MAIL FROM")
+        return refusal
+
+    def _from_header_refusal(
+        self, passthrough: PassthroughSession | None, login: Account | None, data: bytes
+    ) -> SmtpReply | None:
+        """The From check that goes with the session's login: its passthrough upstream's, or the accounts file's."""
+        accounts = self.authenticator.accounts if self.authenticator is not None else None
+        if passthrough is None and accounts is None:
+            return None
+        try:
+            message = parse_message(data)
+            if passthrough is not None:
+                return passthrough.from_header_refusal(self.config, message)
+            assert accounts is not None
+            return from_header_refusal(accounts.current(), login, message)
+        except SmtpReply as malformed:
+            return malformed
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -260,6 +289,7 @@ class RelayHandler:
         data = crlf_line_endings(envelope.original_content or b"")
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         login = _logged_in(session)
+        passthrough = _passthrough_of(session)
         log = self.log.bind(id=queue_id, client=session.peer[0] if session.peer else None)
         log.info(
             "message.accepted",
@@ -267,22 +297,19 @@ class RelayHandler:
             mail_from=mail_from,
             recipients=len(envelope.rcpt_tos),
             user=login.name if login else None,
+            login=passthrough.user if passthrough else None,
         )
         if b"\x00" in data:
             # An upstream that drops NUL bytes would read <CRLF><NUL>.<CRLF> as the end of the message.
             log.info("message.refused", code=550, reason="NUL byte")
             return "550 5.6.0 The message contains a NUL byte, which SMTP does not allow; fix the sending program"
-        if self.authenticator is not None:
-            try:
-                refusal = from_header_refusal(self.authenticator.accounts.current(), login, parse_message(data))
-            except SmtpReply as malformed:
-                refusal = malformed
-            if refusal is not None:
-                log.info("message.refused", code=refusal.code, reason=refusal.text)
-                return refusal.render()
+        from_refusal = self._from_header_refusal(passthrough, login, data)
+        if from_refusal is not None:
+            log.info("message.refused", code=from_refusal.code, reason=from_refusal.text)
+            return from_refusal.render()
         # RFC 3848: S for TLS, A for an authenticated client.
         protocol = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
-        protocol += ("S" if _is_encrypted(server) else "") + ("A" if login else "")
+        protocol += ("S" if _is_encrypted(server) else "") + ("A" if session.authenticated else "")
         trace = TraceInfo(
             helo=session.host_name or "unknown",
             peer=f"[{session.peer[0]}]" if session.peer else "unknown",
@@ -327,8 +354,10 @@ class RelayHandler:
                 exposed_fields=list(decision.exposed_fields),
                 protected=len(decision.protected),
             )
+        # A passthrough session's mail goes out now, logged in as the client, and is never spooled.
+        delivery = passthrough or self.delivery
         try:
-            report = await self.delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
+            report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
         except SmtpReply as refusal:
             # The spool could not commit the message: the client keeps it and tries again later.
             log.error("message.not_stored", code=refusal.code, reason=refusal.text)
@@ -377,7 +406,9 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._client is not None:
-            # Called a second time when STARTTLS completes: the client was admitted already.
+            # Called a second time when STARTTLS completes: the client was admitted already, and
+            # aiosmtpd starts a new session, so a passthrough login of the old one ends here.
+            self._end_passthrough()
             super().connection_made(transport)
             return
         peer = transport.get_extra_info("peername")
@@ -405,11 +436,20 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        self._end_passthrough()
         if self._client is not None and not self._released:
             # Once only: after a failed STARTTLS aiosmtpd may report the loss twice.
             self._slots.release(self._client)
             self._released = True
         super().connection_lost(error)
+
+    def _end_passthrough(self) -> None:
+        """Credentials live only as long as the client's session: drop them and log out of the upstream."""
+        passthrough = _passthrough_of(self.session)
+        if passthrough is not None:
+            assert self.session is not None
+            self.session.auth_data = None
+            passthrough.end()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

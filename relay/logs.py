@@ -12,7 +12,8 @@ import structlog
 from relay.config import LoggingConfig
 
 # Event keys whose values are email addresses (a string or a list of them).
-ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked"})
+# login: a passthrough login name, which is usually the person's address at the provider.
+ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked", "login"})
 
 
 def mask_address(address: str) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from relay.config import RouteConfig
+from relay.config import Config, RouteConfig, UpstreamConfig
 
 
 def route_for(mail_from: str, routes: Sequence[RouteConfig]) -> str | None:
@@ -22,3 +23,22 @@ def route_for(mail_from: str, routes: Sequence[RouteConfig]) -> str | None:
         if address and address == pattern:
             return route.upstream
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamChoice:
+    """An upstream picked by route: its name in `upstreams` (None: the default `upstream`) and its settings."""
+
+    name: str | None
+    config: UpstreamConfig
+
+    @property
+    def key(self) -> str:
+        """Where it is set in the config, as error texts name it."""
+        return "upstream" if self.name is None else f"upstreams.{self.name}"
+
+
+def upstream_for(address: str, config: Config) -> UpstreamChoice:
+    """The upstream that mail from this address leaves through."""
+    name = route_for(address, config.routes)
+    return UpstreamChoice(name, config.upstream if name is None else config.upstreams[name])

@@ -29,6 +29,7 @@ from relay.delivery import (
 from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.oauth import AccessTokens
+from relay.passthrough import PassthroughLogins
 from relay.spool import SqliteSpool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
 from relay.workers import ConnectionReceiver, supervise
@@ -86,14 +87,17 @@ def client_tls_context(listen: ListenConfig) -> ssl.SSLContext | None:
     return context
 
 
-def build_authenticator(listen: ListenConfig) -> Authenticator | None:
-    if listen.auth == "none":
+def build_authenticator(listen: ListenConfig, passthrough: PassthroughLogins | None = None) -> Authenticator | None:
+    """Client AUTH when listen.auth asks for it, or when some upstream takes each client's own login."""
+    if listen.auth == "none" and passthrough is None:
         return None
-    try:
-        accounts = AccountsFile(listen.users_file)
-    except UsersFileError as exc:
-        raise ConfigError(f"listen.users_file: {exc}") from None
-    return Authenticator(accounts, FailedLoginLockout(listen.max_auth_failures))
+    accounts = None
+    if listen.auth != "none":
+        try:
+            accounts = AccountsFile(listen.users_file)
+        except UsersFileError as exc:
+            raise ConfigError(f"listen.users_file: {exc}") from None
+    return Authenticator(accounts, FailedLoginLockout(listen.max_auth_failures), passthrough)
 
 
 class RelayServer:
@@ -107,7 +111,8 @@ class RelayServer:
         self._receiver: ConnectionReceiver | None = None
         self.hostname = socket.gethostname()
         self.tls_context = client_tls_context(config.listen)
-        self.authenticator = build_authenticator(config.listen)
+        self.passthrough = PassthroughLogins(config, self.hostname) if config.uses_passthrough else None
+        self.authenticator = build_authenticator(config.listen, self.passthrough)
         self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
         named = build_named_destinations(config, self.hostname)
@@ -182,12 +187,19 @@ class RelayServer:
     def reload(self, config: Config) -> list[str]:
         """Take over policy, upstream and limits from a new config; returns the changes left for a restart."""
         ignored = [key for key in RESTART_ONLY if _setting(self.config, key) != _setting(config, key)]
+        if config.uses_passthrough != self.config.uses_passthrough:
+            # Whether clients are offered AUTH is decided at start. Until a restart, mail that would leave
+            # through a newly passthrough upstream is refused, and logins meant for a former one are checked
+            # against the accounts file.
+            ignored.append("auth: passthrough")
         delivery = config.delivery.model_copy(update={"mode": self.config.delivery.mode})
         kept = config.model_copy(
             update={"listen": self.config.listen, "spool": self.config.spool, "delivery": delivery}
         )
         self.config = kept
         self.handler.config = kept
+        if self.passthrough is not None:
+            self.passthrough.reconfigure(kept)
         self.destination = build_destination(kept, self.hostname)
         self.delivery.reconfigure(kept, self.destination, build_named_destinations(kept, self.hostname))
         return ignored
@@ -257,7 +269,8 @@ async def serve(
         allowed_networks=list(config.listen.allowed_networks) or "loopback only",
         tls=config.listen.tls,
         auth=config.listen.auth,
-        users=len(server.authenticator.accounts.current().by_name) if server.authenticator else None,
+        users=len(server.authenticator.current_accounts().by_name) if server.authenticator else None,
+        passthrough=config.uses_passthrough,
     )
 
     def reload() -> None:

@@ -51,6 +51,8 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     mail_options: list[str]
+    # The name the client logged in with, when it did.
+    login: str | None = None
 
 
 @dataclass
@@ -64,6 +66,14 @@ class RecordingHandler:
     data_reply: str | None = None
     # SMTP connections the upstream has accepted, to check that the relay reuses them.
     connections: int = 0
+    # Every password login a client tried: (name, password, accepted).
+    auth_attempts: list[tuple[str, str, bool]] = field(default_factory=list)
+    # QUIT commands received: a client that logs out politely.
+    quits: int = 0
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        return "221 Bye"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -92,6 +102,7 @@ class RecordingHandler:
                 list(envelope.rcpt_tos),
                 bytes(envelope.original_content or b""),
                 list(envelope.mail_options),
+                str(session.auth_data) if session.authenticated else None,
             )
         )
         return "250 2.0.0 Queued"
@@ -139,11 +150,13 @@ class UpstreamFactory:
     def __call__(
         self,
         tls: str = "none",
-        credentials: tuple[str, str] | None = None,
+        credentials: tuple[str, str] | dict[str, str] | None = None,
         xoauth2_user: str | None = None,
     ) -> Upstream:
-        """xoauth2_user: require XOAUTH2 as that user, with a token the test puts in handler.valid_tokens."""
+        """credentials: require AUTH PLAIN/LOGIN as this (name, password), or as any of {name: password}.
+        xoauth2_user: require XOAUTH2 as that user, with a token the test puts in handler.valid_tokens."""
         handler = RecordingHandler() if xoauth2_user is None else XOAuth2Handler(username=xoauth2_user)
+        accounts = dict([credentials]) if isinstance(credentials, tuple) else credentials
         ca: trustme.CA | None = None
         server_context: ssl.SSLContext | None = None
         if tls != "none":
@@ -152,13 +165,12 @@ class UpstreamFactory:
             ca.issue_cert("localhost", LOOPBACK).configure_cert(server_context)
 
         def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
-            if (
-                credentials
-                and isinstance(data, LoginPassword)
-                and (data.login.decode(), data.password.decode()) == credentials
-            ):
-                return AuthResult(success=True)
-            return AuthResult(success=False, handled=False)
+            if not accounts or not isinstance(data, LoginPassword):
+                return AuthResult(success=False, handled=False)
+            name, password = data.login.decode(), data.password.decode()
+            accepted = accounts.get(name) == password
+            handler.auth_attempts.append((name, password, accepted))
+            return AuthResult(success=True, auth_data=name) if accepted else AuthResult(success=False, handled=False)
 
         def protocol() -> SMTP:
             handler.connections += 1
@@ -168,8 +180,8 @@ class UpstreamFactory:
                 hostname="upstream.test",
                 tls_context=server_context if tls == "starttls" else None,
                 require_starttls=tls == "starttls",
-                authenticator=authenticator if credentials else None,
-                auth_required=bool(credentials or xoauth2_user),
+                authenticator=authenticator if accounts else None,
+                auth_required=bool(accounts or xoauth2_user),
                 auth_require_tls=tls != "none",
             )
 

@@ -1,0 +1,129 @@
+"""upstream.auth: passthrough. Each client logs in with their own account at the upstream, and the mail of
+that SMTP session leaves through a connection logged in as them.
+
+The relay stores no password: a client's credentials live in its PassthroughSession, in memory, for as long
+as the client's SMTP session lasts, and go with it. So that mail is never spooled (after a restart there would
+be no login to send it with): it is sent while the client waits, and the client hears the upstream's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import aiosmtplib
+import structlog
+
+from relay.addresses import parse_address_list
+from relay.config import Config
+from relay.delivery import DeliveryReport, DirectDelivery, UpstreamDestination
+from relay.errors import SmtpReply
+from relay.forwarder import UpstreamPool
+from relay.message import ParsedMessage
+from relay.rewrite import OutgoingCopy
+from relay.routing import UpstreamChoice, upstream_for
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+class UpstreamLoginRefused(Exception):
+    """The upstream answered the client's AUTH with a 5xx: for the client, a wrong password."""
+
+
+class PassthroughSession:
+    """One client's login at one passthrough upstream, and the delivery of that session's mail through it.
+
+    The connection that checked the login is kept for the first message; the pool opens another with the
+    same credentials when the upstream has closed it meanwhile. One connection at a time: each is a login.
+    """
+
+    def __init__(self, upstream: UpstreamChoice, user: str, pool: UpstreamPool) -> None:
+        self.upstream = upstream
+        self.user = user
+        destination = UpstreamDestination(pool, upstream.config.max_recipients_per_message)
+        self._delivery: DirectDelivery | None = DirectDelivery(destination, concurrency=1)
+
+    async def deliver(
+        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+    ) -> DeliveryReport:
+        assert self._delivery is not None, "a passthrough session delivers nothing after it ended"
+        return await self._delivery.deliver(queue_id, mail_from, copies, smtputf8)
+
+    def sender_refusal(self, config: Config, address: str, where: str) -> SmtpReply | None:
+        """Mail from this login leaves only through the upstream it logged in at (reject_sender_login_mismatch)."""
+        if upstream_for(address, config).name == self.upstream.name:
+            return None
+        return SmtpReply(
+            553,
+            "5.7.1",
+            f"<{address}>: sender address rejected ({where}): mail from it does not leave through "
+            f"{self.upstream.key}, where {self.user} logged in",
+        )
+
+    def from_header_refusal(self, config: Config, message: ParsedMessage) -> SmtpReply | None:
+        for field in message.get_all("from"):
+            for mailbox in parse_address_list(field.value):
+                refusal = self.sender_refusal(config, mailbox.address, "From header")
+                if refusal is not None:
+                    return refusal
+        return None
+
+    def end(self) -> None:
+        """The client's session is over: forget the credentials now; the upstream hears QUIT in the background."""
+        delivery, self._delivery = self._delivery, None
+        if delivery is None:
+            return
+        task = asyncio.get_running_loop().create_task(delivery.stop(0))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+def own_login_refusal(config: Config, address: str, authenticated: bool) -> SmtpReply | None:
+    """For a session not logged in at a passthrough upstream: mail that would leave through one needs that login."""
+    upstream = upstream_for(address, config)
+    if not upstream.config.is_passthrough:
+        return None
+    if not authenticated:
+        return SmtpReply(530, "5.7.0", "Authentication required")
+    return SmtpReply(
+        553,
+        "5.7.1",
+        f"<{address}>: sender address rejected (MAIL FROM): mail from it leaves through {upstream.key}, "
+        "which takes each sender's own login there; log in with that account",
+    )
+
+
+class PassthroughLogins:
+    """Checks a client's login by AUTH at the passthrough upstream its login name routes to."""
+
+    def __init__(self, config: Config, local_hostname: str) -> None:
+        self._config = config
+        self._local_hostname = local_hostname
+        self._log = structlog.get_logger("relay")
+
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+
+    def upstream_for_login(self, name: str) -> UpstreamChoice | None:
+        """The passthrough upstream that checks this login name (routed as a sender would be), if any."""
+        upstream = upstream_for(name, self._config)
+        return upstream if upstream.config.is_passthrough else None
+
+    async def open_session(self, upstream: UpstreamChoice, name: str, password: bytes) -> PassthroughSession:
+        """A session logged in at the upstream as the client; raises UpstreamLoginRefused, or SmtpReply 454."""
+        # The client's login stands where a stored username and password would: for this session only.
+        own = upstream.config.model_copy(update={"username": name, "max_connections": 1})
+        pool = UpstreamPool(own, password, self._local_hostname)
+        try:
+            await pool.connect_ahead()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if exc.code >= 500:
+                raise UpstreamLoginRefused from None
+            detail = f"{pool.label} answered AUTH with {exc.code} {exc.message}"
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            detail = f"{pool.label}: {str(exc) or type(exc).__name__}"
+        else:
+            return PassthroughSession(upstream, name, pool)
+        detail = " ".join(detail.split())
+        self._log.warning("auth.upstream_unavailable", upstream=upstream.key, error=detail)
+        raise SmtpReply(454, "4.7.0", f"Temporary authentication failure, try again later: {detail}")
