@@ -412,17 +412,22 @@ class SpooledDelivery:
             self._watches[queue_id] = watch
             # The first copies go out with the body already in memory, not read back from the spool.
             self._hold_body(queue_id, body)
+
+        def start_first_attempts(copy_ids: tuple[int, ...]) -> None:
+            # Stored as claimed, so no scheduler (of this process or another worker) takes them too; if the
+            # relay stops before they go, the next start's recovery makes them due again. They start while
+            # the commit is being fsynced: the client hears 250 only once it is on disk, and if that fails
+            # (451) the copies may have gone already: the client's resend repeats them, nothing is lost.
+            if not self._stopping:
+                for position in range(starting):
+                    self._launch(_claimed_copy(message, position, copy_ids[position]), now)
+
         try:
             try:
-                copy_ids = await self._spool.store(message)
+                await self._spool.store(message, start_first_attempts if starting else None)
             except BaseException:
                 self._watches.pop(queue_id, None)
                 raise
-            if not self._stopping:
-                # Stored as claimed, so no scheduler (of this process or another worker) takes them too;
-                # if the relay stops before they go, the next start's recovery makes them due again.
-                for position in range(starting):
-                    self._launch(_claimed_copy(message, position, copy_ids[position]), now)
             if starting < len(copies):
                 self._wake.set()
             if not hybrid:

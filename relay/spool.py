@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS sends (
     sent_at REAL NOT NULL,
     recipients INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS failures_message ON failures (message_id);
+CREATE INDEX IF NOT EXISTS sends_time ON sends (sent_at);
 """
 
 QUEUED = "queued"
@@ -201,8 +203,13 @@ class MessageSummary:
 
 
 class Spool(Protocol):
-    async def store(self, message: NewMessage) -> tuple[int, ...]:
-        """Commit the message and its copy plan durably; the copies' ids, in order. SpoolWriteError if it cannot."""
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
+        """Commit the message and its copy plan durably; the copies' ids, in order. SpoolWriteError if it cannot.
+
+        committed(ids), if given, runs as soon as the message is committed, while it is being made durable.
+        """
 
     async def recover(self) -> int:
         """After a restart: copies that were being sent become due again; returns how many.
@@ -430,8 +437,15 @@ class SqliteSpool:
         db = self._db()
         return await self._locked(lambda: work(db))
 
-    async def _write(self, work: Callable[[sqlite3.Connection], _T], durable: bool = True) -> _T:
+    async def _write(
+        self,
+        work: Callable[[sqlite3.Connection], _T],
+        durable: bool = True,
+        committed: Callable[[_T], None] | None = None,
+    ) -> _T:
         """Run work in a transaction of its own; durable: return only once it is on disk.
+
+        committed(result) runs right after the commit, before the wait for the disk.
 
         An IntegrityError from work is raised as it is (the caller's mistake); other errors become
         SpoolWriteError (disk full, I/O error): the client is told to try again later.
@@ -455,17 +469,21 @@ class SqliteSpool:
             raise
         except sqlite3.Error as exc:
             raise _write_error(exc) from exc
+        if committed is not None:
+            committed(result)
         if durable:
             if self._syncer is None:
                 raise _closed()
             await self._syncer.sync(self._commit_number())
         return result
 
-    async def store(self, message: NewMessage) -> tuple[int, ...]:
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
         def insert(db: sqlite3.Connection) -> tuple[int, ...]:
             return _insert(db, message)
 
-        return await self._write(insert)
+        return await self._write(insert, committed=committed)
 
     async def recover(self) -> int:
         def requeue(db: sqlite3.Connection) -> int:

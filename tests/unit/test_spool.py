@@ -174,6 +174,21 @@ async def test_recover_makes_copies_that_were_being_sent_due_at_once(spool: Sqli
     assert len(await spool.claim_due(1000.0, 10, lease=60, known_bodies={})) == 3
 
 
+async def test_a_hybrid_first_attempt_can_start_once_committed_while_the_fsync_runs(
+    spool: SqliteSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[object] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ids = await spool.store(message("M1", ["a@x.test", "b@x.test"]), committed=lambda ids: events.append(ids))
+    assert events == [ids, "fsync"] and len(ids) == 2
+
+
 async def test_stores_made_during_an_fsync_share_the_next_one(
     spool: SqliteSpool, fsyncs: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
