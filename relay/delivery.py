@@ -334,6 +334,9 @@ class SpooledDelivery:
         self._in_flight_messages: dict[int, tuple[str, int]] = {}
         self._watches: dict[str, _Watch] = {}
         self._bodies: dict[str, tuple[bytes, int]] = {}  # message id -> (body, copies using it)
+        # Started from memory, a message's copies take at most max_connections upstream connections at
+        # a time, so that a 200-copy newsletter leaves room for a colleague's message (DirectDelivery too).
+        self._gates: dict[str, asyncio.Semaphore] = {}
         self._wake = asyncio.Event()
         # The scheduler last stopped short (no free connection, or a full batch): more may be due.
         self._more_due = False
@@ -419,6 +422,8 @@ class SpooledDelivery:
             # the commit is being fsynced: the client hears 250 only once it is on disk, and if that fails
             # (451) the copies may have gone already: the client's resend repeats them, nothing is lost.
             if not self._stopping:
+                if starting > 1:
+                    self._gates[queue_id] = asyncio.Semaphore(self._config.upstream.max_connections)
                 for position in range(starting):
                     self._launch(_claimed_copy(message, position, copy_ids[position]), now)
 
@@ -478,6 +483,7 @@ class SpooledDelivery:
         held, users = self._bodies[message_id]
         if users <= 1:
             del self._bodies[message_id]
+            self._gates.pop(message_id, None)
         else:
             self._bodies[message_id] = (held, users - 1)
 
@@ -603,9 +609,10 @@ class SpooledDelivery:
         outgoing = OutgoingCopy(copy.recipients, copy.kind, copy.headers, copy.body)
         started = self._clock()
         try:
-            outcome = await destination.send_copy(
-                copy.message_id, copy.position, copy.mail_from, outgoing, copy.smtputf8
-            )
+            async with self._gates.get(copy.message_id) or contextlib.nullcontext():
+                outcome = await destination.send_copy(
+                    copy.message_id, copy.position, copy.mail_from, outgoing, copy.smtputf8
+                )
         except Exception as exc:
             try:
                 reply = reply_for_exception(exc, destination.label)

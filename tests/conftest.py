@@ -70,6 +70,8 @@ class RecordingHandler:
     auth_attempts: list[tuple[str, str, bool]] = field(default_factory=list)
     # QUIT commands received: a client that logs out politely.
     quits: int = 0
+    # Seconds before each DATA reply: a slow upstream.
+    data_delay: float = 0.0
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.quits += 1
@@ -96,6 +98,7 @@ class RecordingHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_reply:
             return self.data_reply
+        await asyncio.sleep(self.data_delay)
         self.messages.append(
             Received(
                 str(envelope.mail_from),

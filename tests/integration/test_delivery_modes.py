@@ -49,6 +49,23 @@ def test_hybrid_is_the_default_and_answers_250_once_the_upstream_took_every_copy
     assert spool_rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
 
 
+def test_a_big_split_leaves_room_for_another_message(start_relay, upstream: Upstream) -> None:
+    upstream.handler.data_delay = 0.05
+    relay = start_relay(upstream, RELAY_UPSTREAM_MAX_CONNECTIONS="2")
+    newsletter_to = [f"member{n}@club{n}.test" for n in range(20)]
+    newsletter = f"From: coach@coaching.test\r\nTo: {', '.join(newsletter_to)}\r\nSubject: News\r\n\r\nHi\r\n"
+    with ThreadPoolExecutor(1) as background:
+        sending = background.submit(send, relay, newsletter_to, newsletter.encode())
+        wait_until(lambda: len(upstream.messages) >= 2)
+        code, _ = send(relay, ["ann@one.test"], b"From: coach@coaching.test\r\nTo: ann@one.test\r\n\r\nHi\r\n")
+        assert code == 250
+        assert sending.result()[0] == 250
+    order = [m.rcpt_tos for m in upstream.messages]
+    # The newsletter's copies take at most max_connections connections at a time: Ann's message goes
+    # out among them, not after all twenty.
+    assert order.index(["ann@one.test"]) < 10
+
+
 def test_concurrent_clients_each_get_250_after_their_own_commit(
     start_relay, upstream: Upstream, tmp_path: Path
 ) -> None:

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import QUEUED, SENDING, CopyResult, NewCopy, NewMessage, Progress, SpoolWriteError, SqliteSpool
+from relay.spool import (
+    BLOB_SLICE,
+    QUEUED,
+    SENDING,
+    CopyResult,
+    NewCopy,
+    NewMessage,
+    Progress,
+    SpoolWriteError,
+    SqliteSpool,
+)
 
 BODY = b"Hello.\r\n" * 100
 
@@ -145,6 +155,14 @@ async def test_copies_stored_claimed_are_not_claimed_again_until_their_lease_run
     ]
     assert [c.id for c in await spool.claim_due(1000.0, 10, lease=9000, known_bodies={})] == [ids[1]]
     assert [c.id for c in await spool.claim_due(4600.0, 10, lease=60, known_bodies={})] == [ids[0]]
+
+
+async def test_a_body_larger_than_a_slice_is_stored_whole(spool: SqliteSpool) -> None:
+    body = os.urandom(BLOB_SLICE * 2 + 12345)
+    plan = message("BIG", ["a@x.test"])
+    await spool.store(dataclasses.replace(plan, body=body))
+    (copy,) = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert copy.body == body
 
 
 async def test_a_deferred_copy_keeps_only_the_recipients_left_and_counts_the_attempt(spool: SqliteSpool) -> None:
