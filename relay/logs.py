@@ -13,7 +13,10 @@ from relay.config import LoggingConfig
 
 # Event keys whose values are email addresses (a string or a list of them).
 # login: a passthrough login name, which is usually the person's address at the provider.
-ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked", "login"})
+ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked"})
+# Account and login names: often an address (kay@coaching.example), then masked like one; a plain name
+# (kay) stays readable, so an administrator can tell who sent what.
+ACCOUNT_KEYS = frozenset({"user", "login"})
 
 
 def mask_address(address: str) -> str:
@@ -31,6 +34,10 @@ def _mask_processor(_logger: Any, _method: str, event: MutableMapping[str, Any])
             event[key] = mask_address(value)
         elif isinstance(value, list | tuple):
             event[key] = [mask_address(v) if isinstance(v, str) else v for v in value]
+    for key in ACCOUNT_KEYS & event.keys():
+        value = event[key]
+        if isinstance(value, str) and "@" in value:
+            event[key] = mask_address(value)
     return event
 
 
