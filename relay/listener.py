@@ -378,6 +378,10 @@ class RelayHandler:
         return reply
 
 
+# NOOP, RSET, VRFY and HELP commands a client may send between messages (Postfix's default).
+JUNK_COMMAND_LIMIT = 100
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP, with admission (allowed networks, connection limits) and a DATA deadline."""
 
@@ -403,6 +407,7 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._released = False
         self._data_deadline: float | None = None
+        self._junk_commands = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._client is not None:
@@ -451,6 +456,39 @@ class RelaySMTP(SMTP):
             self.session.auth_data = None
             passthrough.end()
 
+    async def _over_junk_limit(self) -> bool:
+        """Postfix's smtpd_junk_command_limit: a client that holds a connection with NOOP, RSET, VRFY or HELP
+        and sends no mail is told to go, so it does not keep a connection slot forever."""
+        self._junk_commands += 1
+        if self._junk_commands <= JUNK_COMMAND_LIMIT:
+            return False
+        structlog.get_logger("relay").warning("connection.junk_commands", client=self._client)
+        await self.push("421 4.7.0 Too many commands without mail; closing the connection")
+        assert self._handler_coroutine is not None and self.transport is not None
+        self._handler_coroutine.cancel()
+        self.transport.close()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._over_junk_limit():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._over_junk_limit():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._over_junk_limit():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._over_junk_limit():
+            await super().smtp_HELP(arg)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # Postfix's smtpd_min_data_rate: the deadline grows with every byte received, so a large
@@ -460,6 +498,7 @@ class RelaySMTP(SMTP):
             await self._data_in_blocks(arg)
         finally:
             self._data_deadline = None
+            self._junk_commands = 0  # as Postfix does once mail was sent
             if self.transport is not None:
                 self._reset_timeout()
 

@@ -139,3 +139,22 @@ def test_a_slow_but_steady_upload_outlasts_the_command_timeout(start_relay, upst
         sock.sendall(b".\r\n")
         assert read_until(sock, b"\r\n").startswith(b"250 ")
     assert len(upstream.messages) == 1
+
+
+def test_a_client_that_only_sends_noop_is_told_to_go_and_sending_mail_resets_the_count(
+    start_relay, upstream: Upstream
+) -> None:
+    relay = start_relay(upstream)
+    with smtplib.SMTP(relay.host, relay.port) as client:
+        client.ehlo("desk")
+        for _ in range(60):
+            assert client.noop()[0] == 250
+        assert client.sendmail("a@office.test", ["ann@one.test"], MESSAGE) == {}
+        for _ in range(100):  # the count started again after the message
+            assert client.noop()[0] == 250
+        code, text = client.docmd("RSET")
+        assert (code, text[:5]) == (421, b"4.7.0")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+    with smtplib.SMTP(relay.host, relay.port) as other:
+        assert other.noop()[0] == 250
