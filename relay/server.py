@@ -7,6 +7,7 @@ running the RelayServer here on connections it receives instead of accepting the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -174,7 +175,10 @@ class RelayServer:
             await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection, ssl=self._implicit_tls)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             # Only implicit TLS can fail here (a handshake); asyncio's own server drops those quietly too.
-            structlog.get_logger("relay").info("client.tls_failed", error=str(exc) or type(exc).__name__)
+            client = "unknown"
+            with contextlib.suppress(OSError):
+                client = str(connection.getpeername()[0])
+            structlog.get_logger("relay").info("client.tls_failed", client=client, error=str(exc) or type(exc).__name__)
             connection.close()
 
     @property

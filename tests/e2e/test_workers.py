@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import pytest
 
 from relay.server import RelayServer
 from relay.spool import NewCopy, NewMessage, SqliteSpool
-from tests.conftest import relay_config
+from tests.conftest import RelayCertificate, relay_config
 from tests.spool_support import RelayProcess, wait_until
 
 MESSAGE = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -34,8 +36,10 @@ def _started_events(log: Path, count: int) -> list[dict[str, object]]:
     raise AssertionError(f"fewer than {count} workers started:\n{log.read_text()}")
 
 
-@pytest.fixture
-def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, list[int]]]:
+@contextlib.contextmanager
+def running_two_workers(
+    tmp_path: Path, **settings: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, list[int]]]:
     log = tmp_path / "relay.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update(
@@ -43,6 +47,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, 
         RELAY_LISTEN_WORKERS="2",
         RELAY_OUTBOX=str(tmp_path / "outbox"),
         RELAY_LOGGING_FORMAT="json",
+        **settings,
     )
     with open(log, "wb") as output:
         relay = subprocess.Popen(
@@ -57,6 +62,34 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, 
         if relay.poll() is None:
             os.killpg(relay.pid, signal.SIGKILL)
         relay.wait(10)
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, list[int]]]:
+    with running_two_workers(tmp_path) as running:
+        yield running
+
+
+@pytest.mark.e2e
+def test_workers_serve_implicit_tls_on_the_connections_they_are_handed(
+    tmp_path: Path, relay_certificate: RelayCertificate
+) -> None:
+    tls = {
+        "RELAY_LISTEN_TLS": "implicit",
+        "RELAY_LISTEN_CERT_FILE": str(relay_certificate.cert_file),
+        "RELAY_LISTEN_KEY_FILE": str(relay_certificate.key_file),
+    }
+    with running_two_workers(tmp_path, **tls) as (relay, port, outbox, _):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            plain.sendall(b"EHLO no-tls\r\n")
+            assert plain.recv(100) == b""  # not TLS: dropped, and the relay goes on
+        for _ in range(4):
+            with smtplib.SMTP_SSL("127.0.0.1", port, context=relay_certificate.client_context()) as client:
+                assert client.sendmail("a@src.test", ["r@dst.test"], MESSAGE) == {}
+        assert len(list(outbox.glob("*.eml"))) == 4
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(20) == 0
+    assert b'"client.tls_failed"' in (tmp_path / "relay.log").read_bytes()
 
 
 @pytest.mark.e2e
