@@ -17,7 +17,7 @@ from base64 import b64decode
 from collections import Counter
 from collections.abc import Sequence
 from email.utils import formatdate
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, cast
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
@@ -430,8 +430,8 @@ class RelaySMTP(SMTP):
             if refusal is not None:
                 log.warning("connection.over_limit", client=client, open=self._slots.total)
         if refusal is not None:
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal.render().encode("ascii") + b"\r\n")
+            # A cast, not an isinstance check: uvloop's TCP transport does not derive from asyncio's classes.
+            cast(asyncio.WriteTransport, transport).write(refusal.render().encode("ascii") + b"\r\n")
             transport.close()
             self._refused = True
             return
@@ -447,6 +447,14 @@ class RelaySMTP(SMTP):
             self._slots.release(self._client)
             self._released = True
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        super().eof_received()  # aiosmtpd stops its command loop here
+        # And the connection closes now. aiosmtpd leaves that to its command loop, which never runs when
+        # the EOF comes in the same turn of the event loop as the connection (uvloop does that for a
+        # client that connects and hangs up at once), and the connection slot stayed taken until
+        # command_timeout.
+        return False
 
     def _end_passthrough(self) -> None:
         """Credentials live only as long as the client's session: drop them and log out of the upstream."""

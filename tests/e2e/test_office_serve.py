@@ -3,11 +3,13 @@ program with STARTTLS and AUTH, and `privacy-relay user add` creating the accoun
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 from tests.conftest import RelayCertificate, Upstream
 from tests.e2e.conftest import CONSOLE_SCRIPT
+from tests.spool_support import wait_until
 
 PASSWORD = "a desk's long password"
 MESSAGE = b"From: kay@office.test\r\nTo: ann@one.test, bob@two.test\r\nSubject: e2e\r\n\r\nHello.\r\n"
@@ -58,3 +60,22 @@ def test_a_desk_logs_in_over_starttls_and_sends(
     assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == ["ann@one.test", "bob@two.test"]
     assert all(b"with ESMTPSA id" in m.data for m in upstream.messages)
     assert PASSWORD not in relay.log_path.read_text()
+
+
+def first_line(port: int, source: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as client:
+        return client.recv(200)
+
+
+def test_refused_clients_are_told_why_and_a_hang_up_frees_its_slot(serve_relay) -> None:
+    # In its own process the relay runs on uvloop (when installed), which did two things asyncio does
+    # not: its transports are not asyncio's classes (a refusal failed before a word was written), and
+    # a client that hung up at once kept its connection slot until command_timeout (300 s).
+    relay = serve_relay(RELAY_LISTEN_ALLOWED_NETWORKS="127.0.0.1/32", RELAY_LISTEN_MAX_CONNECTIONS_PER_IP="1")
+    assert first_line(relay.port, "127.0.0.2").startswith(b"554 5.7.1 ")
+    for _ in range(3):  # connect and hang up at once, as port scanners and health checks do
+        socket.create_connection(("127.0.0.1", relay.port), timeout=10).close()
+    assert wait_until(lambda: first_line(relay.port, "127.0.0.1").startswith(b"220 "), limit=10)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as holding:
+        assert holding.recv(200).startswith(b"220 ")
+        assert first_line(relay.port, "127.0.0.1").startswith(b"421 4.7.0 ")

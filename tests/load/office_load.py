@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def source_address(index: int, base: str) -> str:
 
 
 async def start_relay(
-    upstream_port: int, events: list[str]
+    upstream_port: int, events: list[str], workdir: Path
 ) -> tuple[asyncio.subprocess.Process, int, asyncio.Task[None]]:
     """The relay as its own process; its log is read continuously so a full pipe never blocks it."""
     environment = {
@@ -76,7 +77,7 @@ async def start_relay(
         "serve",
         env=environment,
         stderr=asyncio.subprocess.PIPE,
-        cwd=Path(__file__).parent,
+        cwd=workdir,  # its spool and outbox, gone after the run
     )
     assert relay.stderr is not None
     log = relay.stderr
@@ -177,7 +178,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     upstream = await loop.create_server(lambda: SMTP(handler, hostname="upstream.test"), "127.0.0.1", 0)
     events: list[str] = []
-    relay, port, reading = await start_relay(upstream.sockets[0].getsockname()[1], events)
+    workdir = tempfile.TemporaryDirectory(prefix="office-load-")
+    relay, port, reading = await start_relay(upstream.sockets[0].getsockname()[1], events, Path(workdir.name))
     try:
         ready, all_held = asyncio.Event(), asyncio.Event()
         held: list[int] = []
@@ -204,6 +206,7 @@ async def main() -> None:
         await relay.wait()
         await reading
         upstream.close()
+        workdir.cleanup()
     print(f"connections open at once: {IDLE_CLIENTS} idle + {SLOW_CLIENTS} slow = {IDLE_CLIENTS + SLOW_CLIENTS}")
     print(f"  all idle clients connected and greeted within {connected_in:.2f} s")
     print(f"  a {PER_ADDRESS + 1}st connection from one address got: {refused.decode().strip()}")
