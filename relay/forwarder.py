@@ -89,7 +89,15 @@ async def log_in(
                     "SMTP and that the app may send mail (SMTP.Send, or https://mail.google.com/)"
                 ) from None
     elif config.username:
-        await client.login(config.username, password or "")
+        # One mechanism, not aiosmtplib's login(), which tries the next one the server offers after a
+        # refusal: one wrong password would count as two or three failed logins at the provider.
+        offered = client.supported_auth_methods
+        if "plain" in offered:
+            await client.auth_plain(config.username, password or "")
+        elif "login" in offered:
+            await client.auth_login(config.username, password or "")
+        else:
+            await client.login(config.username, password or "")  # CRAM-MD5, or aiosmtplib's own error
 
 
 class UpstreamPool:
