@@ -93,6 +93,12 @@ class ListenConfig(_Section):
             )
         return self
 
+    @property
+    def backlog(self) -> int:
+        """Connections the kernel queues before they are accepted: asyncio's default of 100 would drop a
+        burst of connections the limits allow."""
+        return max(100, self.max_connections)
+
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
 

@@ -461,8 +461,12 @@ class SpooledDelivery:
             return 0
         if hybrid:
             return copies
-        free = self._config.upstream.max_connections - len(self._in_flight)
-        return max(0, min(copies, free))
+        return max(0, min(copies, self._free_connections))
+
+    @property
+    def _free_connections(self) -> int:
+        """Upstream connections not taken by a copy being sent (negative while hybrid first attempts queue)."""
+        return self._config.upstream.max_connections - len(self._in_flight)
 
     def _launch(self, copy: SpooledCopy, now: float) -> None:
         """Start one attempt of a claimed copy."""
@@ -532,7 +536,7 @@ class SpooledDelivery:
             self._retire_pending = False
             await self._retire_settled(None)
         now = self._clock()
-        free = self._config.upstream.max_connections - len(self._in_flight)
+        free = self._free_connections
         if free <= 0:
             self._more_due = True
             await self._sleep(POLL_INTERVAL)

@@ -35,7 +35,7 @@ from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
 from relay.spool import new_queue_id
-from relay.users import Account
+from relay.users import Account, AccountsFile
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Small messages are prepared on the event loop: handing them to a thread costs more than the work
@@ -240,12 +240,17 @@ class RelayHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender OK"
 
+    @property
+    def _accounts_file(self) -> AccountsFile | None:
+        """The accounts for client AUTH; None when AUTH is off or offered only for passthrough."""
+        return self.authenticator.accounts if self.authenticator is not None else None
+
     def _sender_refusal(self, session: Session, address: str) -> SmtpReply | None:
         passthrough = _passthrough_of(session)
         if passthrough is not None:
             return passthrough.sender_refusal(self.config, address, "MAIL FROM")
         refusal = own_login_refusal(self.config, address, bool(session.authenticated))
-        accounts = self.authenticator.accounts if self.authenticator is not None else None
+        accounts = self._accounts_file
         if refusal is None and address and accounts is not None:
             refusal = sender_refusal(accounts.current(), _logged_in(session), address, "MAIL FROM")
         return refusal
@@ -254,7 +259,7 @@ class RelayHandler:
         self, passthrough: PassthroughSession | None, login: Account | None, data: bytes
     ) -> SmtpReply | None:
         """The From check that goes with the session's login: its passthrough upstream's, or the accounts file's."""
-        accounts = self.authenticator.accounts if self.authenticator is not None else None
+        accounts = self._accounts_file
         if passthrough is None and accounts is None:
             return None
         try:

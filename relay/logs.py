@@ -12,7 +12,6 @@ import structlog
 from relay.config import LoggingConfig
 
 # Event keys whose values are email addresses (a string or a list of them).
-# login: a passthrough login name, which is usually the person's address at the provider.
 ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked"})
 # Account and login names: often an address (kay@coaching.example), then masked like one; a plain name
 # (kay) stays readable, so an administrator can tell who sent what.

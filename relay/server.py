@@ -161,8 +161,7 @@ class RelayServer:
             host=listen.host,
             port=listen.port,
             ssl=self._implicit_tls,
-            # asyncio's default of 100 would drop a burst of connections the limits allow.
-            backlog=max(100, listen.max_connections),
+            backlog=listen.backlog,
         )
 
     @property

@@ -92,7 +92,7 @@ def _closed() -> SpoolWriteError:
     return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
 
 
-def _write_error(exc: sqlite3.Error) -> SpoolWriteError:
+def _write_error(exc: sqlite3.Error | OSError) -> SpoolWriteError:
     code = getattr(exc, "sqlite_errorcode", None)
     if code == sqlite3.SQLITE_FULL:
         return SpoolWriteError(452, "4.3.1", "Insufficient system storage: the relay's spool is full; try again later")
@@ -315,11 +315,7 @@ class _WalSyncer:
             elif error is None:
                 future.set_result(None)
             else:
-                future.set_exception(
-                    SpoolWriteError(
-                        451, "4.3.0", f"The relay cannot store the message right now ({error}); try again later"
-                    )
-                )
+                future.set_exception(_write_error(error))
         self._waiters = waiting
 
     def _run(self) -> None:

@@ -39,7 +39,7 @@ def listening_socket(config: Config) -> socket.socket:
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
-        listener.listen(max(100, listen.max_connections))
+        listener.listen(listen.backlog)
     except OSError:
         listener.close()
         raise
