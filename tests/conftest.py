@@ -278,6 +278,14 @@ class RelayCertificate:
     key_file: Path
     ca: trustme.CA
 
+    def listen_settings(self, tls: str = "starttls") -> dict[str, str]:
+        """The RELAY_LISTEN_* settings that offer clients TLS with this certificate."""
+        return {
+            "RELAY_LISTEN_TLS": tls,
+            "RELAY_LISTEN_CERT_FILE": str(self.cert_file),
+            "RELAY_LISTEN_KEY_FILE": str(self.key_file),
+        }
+
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)

@@ -41,9 +41,7 @@ def test_a_desk_logs_in_over_starttls_and_sends(
         RELAY_UPSTREAM_HOST=upstream.host,
         RELAY_UPSTREAM_PORT=str(upstream.port),
         RELAY_UPSTREAM_TLS="none",
-        RELAY_LISTEN_TLS="starttls",
-        RELAY_LISTEN_CERT_FILE=str(relay_certificate.cert_file),
-        RELAY_LISTEN_KEY_FILE=str(relay_certificate.key_file),
+        **relay_certificate.listen_settings(),
         RELAY_LISTEN_AUTH="required",
         RELAY_LISTEN_USERS_FILE=str(users),
     )

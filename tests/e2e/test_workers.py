@@ -74,12 +74,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, 
 def test_workers_serve_implicit_tls_on_the_connections_they_are_handed(
     tmp_path: Path, relay_certificate: RelayCertificate
 ) -> None:
-    tls = {
-        "RELAY_LISTEN_TLS": "implicit",
-        "RELAY_LISTEN_CERT_FILE": str(relay_certificate.cert_file),
-        "RELAY_LISTEN_KEY_FILE": str(relay_certificate.key_file),
-    }
-    with running_two_workers(tmp_path, **tls) as (relay, port, outbox, _):
+    with running_two_workers(tmp_path, **relay_certificate.listen_settings("implicit")) as (relay, port, outbox, _):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
             plain.sendall(b"EHLO no-tls\r\n")
             assert plain.recv(100) == b""  # not TLS: dropped, and the relay goes on

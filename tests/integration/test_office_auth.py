@@ -17,9 +17,7 @@ MESSAGE = b"From: kay@office.test\r\nTo: ann@one.test\r\nSubject: hello\r\n\r\nH
 
 def office_settings(certificate: RelayCertificate, users: Path, **settings: str) -> dict[str, str]:
     return {
-        "RELAY_LISTEN_TLS": "starttls",
-        "RELAY_LISTEN_CERT_FILE": str(certificate.cert_file),
-        "RELAY_LISTEN_KEY_FILE": str(certificate.key_file),
+        **certificate.listen_settings(),
         "RELAY_LISTEN_AUTH": "required",
         "RELAY_LISTEN_USERS_FILE": str(users),
         **settings,

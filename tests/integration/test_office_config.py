@@ -116,11 +116,7 @@ def test_check_loads_the_certificate_and_the_accounts_file(tmp_path: Path, relay
 
     elsewhere = tmp_path / "elsewhere"  # no ./users.yaml here
     elsewhere.mkdir()
-    tls = {
-        "RELAY_LISTEN_TLS": "starttls",
-        "RELAY_LISTEN_CERT_FILE": str(relay_certificate.cert_file),
-        "RELAY_LISTEN_KEY_FILE": str(relay_certificate.key_file),
-    }
+    tls = relay_certificate.listen_settings()
     users = str(write_users(kay=[], lee=[]))
     good = check(**tls, RELAY_LISTEN_AUTH="required", RELAY_LISTEN_USERS_FILE=users)
     assert good.returncode == 0, good.stdout

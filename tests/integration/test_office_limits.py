@@ -96,9 +96,7 @@ def test_abandoned_connections_give_their_slots_back(start_relay, upstream: Upst
     relay = start_relay(
         upstream,
         RELAY_LISTEN_MAX_CONNECTIONS_PER_IP="1",
-        RELAY_LISTEN_TLS="starttls",
-        RELAY_LISTEN_CERT_FILE=str(relay_certificate.cert_file),
-        RELAY_LISTEN_KEY_FILE=str(relay_certificate.key_file),
+        **relay_certificate.listen_settings(),
     )
     for opening in (b"QUIT\r\n", b"EHLO desk\r\nSTARTTLS\r\n", b"EHLO desk\r\nMAIL FROM:<a@office.test>\r\n"):
         sock = greeted(relay)

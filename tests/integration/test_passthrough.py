@@ -331,9 +331,7 @@ def test_starttls_after_auth_ends_the_passthrough_login(
     relay = start_relay(
         upstream,
         RELAY_UPSTREAM_AUTH="passthrough",
-        RELAY_LISTEN_TLS="starttls",
-        RELAY_LISTEN_CERT_FILE=str(relay_certificate.cert_file),
-        RELAY_LISTEN_KEY_FILE=str(relay_certificate.key_file),
+        **relay_certificate.listen_settings(),
     )
 
     with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
