@@ -9,20 +9,14 @@ import socket
 import sys
 import webbrowser
 from collections.abc import Sequence
-from email.utils import formatdate
 from pathlib import Path
 
 from relay import __version__
-from relay.addresses import parse_address_list
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
-from relay.errors import SmtpReply
 from relay.forwarder import probe_upstream
 from relay.logs import configure_logging
-from relay.message import parse_message
 from relay.oauth import AccessTokens, OAuth2Error, device_code_login, installed_app_login, save_token
-from relay.pipeline import PrivacyCheckFailed, prepare
-from relay.policy import Envelope
-from relay.rewrite import TraceInfo
+from relay.preview import preview_message
 from relay.routing import route_for
 from relay.users import (
     Account,
@@ -313,41 +307,21 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
     except OSError as exc:
         print(f"cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 1
-    try:
-        message = parse_message(data)
-    except SmtpReply as refusal:
-        print(f"decision: refused\nreply:    {refusal.render()}")
+    result = preview_message(config.policy, data, socket.gethostname(), mail_from, rcpts or ())
+    if result.mail_from is None:
+        print(f"decision: refused\nreply:    {result.reply}")
         return 0
-    if mail_from is None:
-        senders = parse_address_list(message.first_value("from") or "")
-        mail_from = senders[0].address if senders else ""
-    if not rcpts:
-        rcpts = [
-            mailbox.address
-            for field in message.fields
-            if field.key in ("to", "cc", "bcc")
-            for mailbox in parse_address_list(field.value)
-        ]
-    hostname = socket.gethostname()
-    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
-    envelope = Envelope(mail_from, tuple(rcpts))
-    print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
-    print(f"upstream: {_describe_route(config, mail_from)}")
-    try:
-        prepared = prepare(envelope, data, config.policy, trace, f"<preview@{hostname}>")
-    except PrivacyCheckFailed as failure:
-        print(f"decision: refused by the privacy check (header {failure.leak.field})")
-        print(f"reply:    {failure.render()}")
+    print(f"envelope: from <{result.mail_from}> to {len(result.recipients)} recipient(s)")
+    print(f"upstream: {_describe_route(config, result.mail_from)}")
+    if result.reply is not None:
+        check = f" by the privacy check (header {result.leaked_header})" if result.leaked_header else ""
+        print(f"decision: refused{check}\nreply:    {result.reply}")
         return 0
-    except SmtpReply as refusal:
-        print(f"decision: refused\nreply:    {refusal.render()}")
-        return 0
-    decision = prepared.decision
-    print(f"decision: {decision.action.value}\nreason:   {decision.reason}")
-    print(f"copies:   {len(prepared.copies)}")
-    for number, copy in enumerate(prepared.copies, 1):
-        print(f"\n--- copy {number} of {len(prepared.copies)} ({copy.kind}) to: {', '.join(copy.recipients)}")
-        sys.stdout.write(copy.headers.decode("utf-8", errors="replace"))
+    print(f"decision: {result.decision}\nreason:   {result.reason}")
+    print(f"copies:   {len(result.copies)}")
+    for number, copy in enumerate(result.copies, 1):
+        print(f"\n--- copy {number} of {len(result.copies)} ({copy.kind}) to: {', '.join(copy.recipients)}")
+        sys.stdout.write(copy.headers)
     return 0
 
 

@@ -238,6 +238,24 @@ class PolicyConfig(_Section):
         return self
 
 
+class ConsoleConfig(_Section):
+    """The local web page, its JSON API, /healthz and /metrics (relay/console/)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 8725: free in /etc/services and unlike the ports of the tools found beside a relay (Mailpit 8025,
+    # Jupyter 8888, dev servers 3000/5000/8000/8080, Prometheus and its exporters 9090-9999). 0: a free port.
+    port: int = Field(default=8725, ge=0, le=65535)
+    # null: console-token inside spool.path, which only the relay's user may read.
+    token_file: Path | None = None
+    # Host names the console answers to besides localhost, 127.0.0.1, [::1] and console.host.
+    allowed_hosts: tuple[str, ...] = ()
+    # Days the activity page keeps a message, then it is purged.
+    history_days: float = Field(default=14, gt=0)
+    # true: /metrics without the token, for a Prometheus that cannot send one.
+    metrics_public: bool = False
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -252,6 +270,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
     # Named upstreams besides `upstream`, chosen by routes; YAML only (no RELAY_* variables).
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict, json_schema_extra={"yaml_only": True})
     # By envelope sender, first match wins; no match: `upstream` (Postfix's sender_dependent_relayhost_maps).
@@ -273,6 +292,10 @@ class Config(_Section):
                 known = ", ".join(sorted(self.upstreams)) or "none are defined"
                 raise ValueError(f"routes[{number}].upstream: {route.upstream!r} is not one of upstreams ({known})")
         return self
+
+    @property
+    def console_token_file(self) -> Path:
+        return self.console.token_file or self.spool.path / "console-token"
 
     @property
     def uses_outbox(self) -> bool:
@@ -448,7 +471,22 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         )
     check_passthrough_transport(config)
     check_listen_safety(config.listen)
+    check_console_safety(config)
     return config
+
+
+def check_console_safety(config: Config) -> None:
+    """The console's token must not cross a network in clear text."""
+    console = config.console
+    if not console.enabled or is_loopback_host(console.host):
+        return
+    if config.listen.cert_file is None or config.listen.key_file is None:
+        raise ConfigError(
+            f"console.host is {console.host!r}, which other machines can reach, but the console would be "
+            "served without TLS, so its token would cross the network in clear text. Set listen.cert_file "
+            "and listen.key_file (the console uses them for HTTPS), or keep console.host: 127.0.0.1 and "
+            "reach it through an SSH tunnel."
+        )
 
 
 def check_passthrough_transport(config: Config) -> None:

@@ -37,6 +37,7 @@ from relay.rewrite import OutgoingCopy
 from relay.routing import route_for
 from relay.spool import (
     CopyResult,
+    MessageRecord,
     NewCopy,
     NewMessage,
     Progress,
@@ -210,8 +211,14 @@ class DirectDelivery:
         return self._default if name is None else self._named[name]
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
+        """Nothing is stored in direct mode, so no history is kept (record is not used)."""
         destination = self.destination_for(mail_from)
         report = DeliveryReport(destination.label, len(copies))
         pending = list(enumerate(copies))
@@ -384,7 +391,12 @@ class SpooledDelivery:
         self._wake.set()
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
         # Decided once, here, and kept with the message: a retry leaves through the same account.
         upstream = route_for(mail_from, self._config.routes)
@@ -409,6 +421,7 @@ class SpooledDelivery:
             ),
             received_at=now,
             upstream=upstream,
+            record=record,
         )
         watch = _Watch(len(copies), expected=len(copies))
         if hybrid:
@@ -628,7 +641,15 @@ class SpooledDelivery:
                 # (Postfix's smtp_sasl_auth_soft_bounce). A client still waiting in hybrid mode gets the 5xx.
                 reply = UpstreamReply(454, "4.7.0", f"{reply.text} (the relay keeps the mail and tries again)")
             outcome = SendOutcome(refused=dict.fromkeys(copy.recipients, reply))
+            # The upstream answered (a refusal) unless the connection, TLS or the login failed.
+            answered = isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(
+                exc, aiosmtplib.SMTPAuthenticationError
+            )
+        else:
+            answered = True
         result, watch_failed = self._result(copy, outcome, self._clock())
+        if not answered:
+            result = dataclasses.replace(result, reached_upstream=False)
         progress = await self._record(result, copy.message_id)
         self.log.info(
             "copy.attempted",

@@ -22,6 +22,7 @@ from typing import Any, AnyStr, Protocol, cast
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
+from relay.activity import REFUSED, message_record
 from relay.addresses import validate_envelope_address
 from relay.auth import Authenticator, from_header_refusal, sender_refusal
 from relay.config import Config
@@ -34,7 +35,7 @@ from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
-from relay.spool import new_queue_id
+from relay.spool import MessageRecord, Spool, new_queue_id
 from relay.users import Account, AccountsFile
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,8 +47,14 @@ INLINE_PREPARE_RECIPIENTS = 50
 
 class Delivery(Protocol):
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
-    ) -> DeliveryReport: ...
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
+    ) -> DeliveryReport:
+        """record: what the console's history keeps of the message, when this delivery stores it."""
 
 
 def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -154,10 +161,17 @@ class RelayHandler:
     """aiosmtpd hooks. Holds the config and delivery it was built with."""
 
     def __init__(
-        self, config: Config, delivery: Delivery, hostname: str, authenticator: Authenticator | None = None
+        self,
+        config: Config,
+        delivery: Delivery,
+        hostname: str,
+        authenticator: Authenticator | None = None,
+        history: Spool | None = None,
     ) -> None:
+        """history: the spool that keeps refused messages for the console too (spooled delivery only)."""
         self.config = config
         self.delivery = delivery
+        self.history = history
         self.hostname = hostname
         self.authenticator = authenticator
         self.log = structlog.get_logger("relay")
@@ -304,14 +318,29 @@ class RelayHandler:
             user=login.name if login else None,
             login=passthrough.user if passthrough else None,
         )
+        received_at = time.time()
+
+        async def refuse(refusal: SmtpReply) -> str:
+            if self.history is not None:
+                record = message_record(mail_from, envelope.rcpt_tos, data, REFUSED, refusal.render())
+                try:
+                    await self.history.remember(queue_id, received_at, record)
+                except SmtpReply as exc:  # the spool is full: the refusal stands, only its trace is lost
+                    log.error("history.not_stored", reason=exc.text)
+            return refusal.render()
+
         if b"\x00" in data:
             # An upstream that drops NUL bytes would read <CRLF><NUL>.<CRLF> as the end of the message.
             log.info("message.refused", code=550, reason="NUL byte")
-            return "550 5.6.0 The message contains a NUL byte, which SMTP does not allow; fix the sending program"
+            return await refuse(
+                SmtpReply(
+                    550, "5.6.0", "The message contains a NUL byte, which SMTP does not allow; fix the sending program"
+                )
+            )
         from_refusal = self._from_header_refusal(passthrough, login, data)
         if from_refusal is not None:
             log.info("message.refused", code=from_refusal.code, reason=from_refusal.text)
-            return from_refusal.render()
+            return await refuse(from_refusal)
         # RFC 3848: S for TLS, A for an authenticated client.
         protocol = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
         protocol += ("S" if _is_encrypted(server) else "") + ("A" if session.authenticated else "")
@@ -343,10 +372,10 @@ class RelayHandler:
                 header=failure.leak.field,
                 leaked=failure.leak.address,
             )
-            return failure.render()
+            return await refuse(failure)
         except SmtpReply as refusal:
             log.info("message.refused", code=refusal.code, reason=refusal.text)
-            return refusal.render()
+            return await refuse(refusal)
 
         decision = prepared.decision
         if decision.action is Action.PASS:
@@ -362,7 +391,8 @@ class RelayHandler:
         # A passthrough session's mail goes out now, logged in as the client, and is never spooled.
         delivery = passthrough or self.delivery
         try:
-            report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
+            record = message_record(mail_from, envelope.rcpt_tos, data, decision.action.value, decision.reason)
+            report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8, record)
         except SmtpReply as refusal:
             # The spool could not commit the message: the client keeps it and tries again later.
             log.error("message.not_stored", code=refusal.code, reason=refusal.text)

@@ -22,6 +22,7 @@ from relay.forwarder import UpstreamPool
 from relay.message import ParsedMessage
 from relay.rewrite import OutgoingCopy
 from relay.routing import UpstreamChoice, upstream_for
+from relay.spool import MessageRecord
 
 _closing: set[asyncio.Task[None]] = set()
 
@@ -44,8 +45,14 @@ class PassthroughSession:
         self._delivery: DirectDelivery | None = DirectDelivery(destination, concurrency=1)
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
+        """Sent at once and never stored: no history is kept (record is not used)."""
         assert self._delivery is not None, "a passthrough session delivers nothing after it ended"
         return await self._delivery.deliver(queue_id, mail_from, copies, smtputf8)
 

@@ -20,6 +20,7 @@ import structlog
 
 from relay.auth import Authenticator, FailedLoginLockout
 from relay.config import Config, ConfigError, ListenConfig, UpstreamConfig
+from relay.console import ConsoleThread
 from relay.delivery import (
     Destination,
     DirectDelivery,
@@ -33,7 +34,7 @@ from relay.oauth import AccessTokens
 from relay.passthrough import PassthroughLogins
 from relay.spool import SqliteSpool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
-from relay.workers import ConnectionReceiver, supervise
+from relay.workers import ConnectionReceiver, supervise, with_port
 
 # Settings a running relay cannot take over on SIGHUP: they need a restart.
 RESTART_ONLY = ("listen", "spool", "delivery.mode")
@@ -104,9 +105,19 @@ def build_authenticator(listen: ListenConfig, passthrough: PassthroughLogins | N
 class RelayServer:
     """Raises ConfigError when the TLS certificate or the accounts file cannot be used."""
 
-    def __init__(self, config: Config, recover_spool: bool = True, channel: socket.socket | None = None) -> None:
-        """channel: a worker's end of the supervisor's hand-out of connections, instead of a listening socket."""
+    def __init__(
+        self,
+        config: Config,
+        recover_spool: bool = True,
+        channel: socket.socket | None = None,
+        count_connection: Callable[[], None] | None = None,
+    ) -> None:
+        """channel: a worker's end of the supervisor's hand-out of connections, instead of a listening socket.
+
+        count_connection: called for each client connection, for the console's metrics.
+        """
         self.config = config
+        self._count_connection = count_connection
         self._recover_spool = recover_spool
         self._channel = channel
         self._receiver: ConnectionReceiver | None = None
@@ -124,10 +135,13 @@ class RelayServer:
         else:
             self.spool = SqliteSpool(config.spool.path)
             self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
-        self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
+        self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator, history=self.spool)
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> RelaySMTP:
+        # asyncio makes one protocol per accepted connection.
+        if self._count_connection is not None:
+            self._count_connection()
         listen = self.config.listen
         return RelaySMTP(
             self.handler,
@@ -179,6 +193,12 @@ class RelayServer:
                 client = str(connection.getpeername()[0])
             structlog.get_logger("relay").info("client.tls_failed", client=client, error=str(exc) or type(exc).__name__)
             connection.close()
+
+    @property
+    def accepting(self) -> bool:
+        if self._receiver is not None:
+            return self._receiver.open
+        return self._server is not None and self._server.is_serving()
 
     @property
     def port(self) -> int:
@@ -246,7 +266,9 @@ async def serve(
     channel: socket.socket | None = None,
 ) -> int:
     log = structlog.get_logger("relay")
-    server = RelayServer(config, recover_spool, channel)
+    # A worker (channel set) never serves the console: its supervisor does, for all of them.
+    console = ConsoleThread(lambda: server.accepting) if config.console.enabled and channel is None else None
+    server = RelayServer(config, recover_spool, channel, console.count_connection if console else None)
     warn_about_secret_files(config)
     try:
         await server.start()
@@ -275,6 +297,8 @@ async def serve(
         users=len(server.authenticator.current_accounts().by_name) if server.authenticator else None,
         passthrough=config.uses_passthrough,
     )
+    if console is not None:
+        console.start(with_port(config, server.port))
 
     def reload() -> None:
         try:
@@ -283,6 +307,8 @@ async def serve(
             log.error("config.reload_refused", error=str(exc), hint="the relay keeps running with the old config")
             return
         ignored = server.reload(new_config)
+        if console is not None:
+            console.reconfigure(with_port(server.config, server.port))
         log.info("config.reloaded", policy=new_config.policy.action, destination=server.destination.label)
         if ignored:
             log.warning("config.restart_needed", settings=ignored)
@@ -294,6 +320,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("relay.stopping")
+    if console is not None:
+        await asyncio.to_thread(console.stop)
     await server.stop()
     log.info("relay.stopped")
     return 0
@@ -338,4 +366,4 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     def run_worker(worker_config: Config, channel: socket.socket) -> int:
         return _run_one(worker_config, reload_config, recover_spool=False, channel=channel)
 
-    return supervise(config, run_worker)
+    return supervise(config, run_worker, reload_config)

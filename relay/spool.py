@@ -72,11 +72,46 @@ CREATE TABLE IF NOT EXISTS sends (
 );
 CREATE INDEX IF NOT EXISTS failures_message ON failures (message_id);
 CREATE INDEX IF NOT EXISTS sends_time ON sends (sent_at);
+-- What the console shows of each message, kept console.history_days after it left the spool.
+CREATE TABLE IF NOT EXISTS history (
+    id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    sender TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    recipients TEXT NOT NULL,    -- one per line
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_time ON history (received_at);
+CREATE TABLE IF NOT EXISTS history_copies (
+    message_id TEXT NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    recipients TEXT NOT NULL,
+    state TEXT NOT NULL,         -- queued | sending | delivered | deferred | bounced | discarded
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_reply TEXT,
+    next_attempt REAL,
+    PRIMARY KEY (message_id, position)
+);
+-- Totals for /metrics, shared by every worker and kept across restarts; label is '' when there is none.
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL,
+    label TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (name, label)
+);
 """
 
 QUEUED = "queued"
 SENDING = "sending"
+# States a copy has only in the history, once it left the copies table (or is waiting for a retry).
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+DISCARDED = "discarded"
 _DAY = 86_400.0
+# Upper bounds of the delivery time histogram, in seconds: from a quick relay to a day of retries.
+DELIVERY_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
 
 def new_queue_id() -> str:
@@ -117,6 +152,17 @@ class Progress(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """What the console shows of a message: its envelope sender, subject, recipients and the policy's decision."""
+
+    sender: str
+    subject: str
+    recipients: tuple[str, ...]
+    decision: str  # a policy action (split, bcc, pass, ...) or "refused"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     id: str
     mail_from: str
@@ -126,6 +172,35 @@ class NewMessage:
     received_at: float
     upstream: str | None = None
     is_bounce: bool = False
+    # Kept in the history for the console; None for the relay's own delivery reports.
+    record: MessageRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyHistory:
+    position: int
+    recipients: tuple[str, ...]
+    state: str
+    attempts: int
+    last_reply: str | None
+    next_attempt: float | None  # deferred copies: when the next attempt is due
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHistory:
+    id: str
+    received_at: float
+    record: MessageRecord
+    copies: tuple[CopyHistory, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolMetrics:
+    """The spool's side of /metrics, read in one go."""
+
+    counters: dict[tuple[str, str], float]  # (name, label) -> total since the spool was made
+    queue_copies: dict[str, int]  # queued (never tried), deferred (tried, waiting), sending
+    oldest_received_at: float | None  # of the messages with copies waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +233,8 @@ class CopyResult:
     last_reply: str | None = None
     counts_as_attempt: bool = True
     sent_at: float = 0.0
+    # False when the attempt never got an answer from the upstream (no connection, TLS, login): /metrics' upstream_up.
+    reached_upstream: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +336,22 @@ class Spool(Protocol):
         """Make queued copies (of one message, or all) due now; returns how many."""
 
     async def delete(self, message_id: str) -> bool: ...
+
+    async def remember(self, message_id: str, received_at: float, record: MessageRecord) -> None:
+        """Keep a message that was not stored (refused) in the history, and count its decision."""
+
+    async def history(self, limit: int, decision: str | None = None, text: str = "") -> list[MessageHistory]:
+        """The newest messages first; text, if given, must be in the subject, the sender or a recipient."""
+
+    async def history_of(self, message_id: str) -> MessageHistory | None: ...
+
+    async def forget_history(self, before: float) -> int:
+        """Drop what the history keeps of messages received before then and no longer in the spool."""
+
+    async def metrics(self) -> SpoolMetrics: ...
+
+    async def check_writable(self) -> None:
+        """Raise SpoolWriteError when a write cannot be committed (for /healthz)."""
 
     async def close(self) -> None: ...
 
@@ -508,6 +601,10 @@ class SqliteSpool:
                 "UPDATE copies SET state = ?, next_attempt = ? WHERE id = ?",
                 [(SENDING, now + lease, row[0]) for row in rows],
             )
+            db.executemany(
+                "UPDATE history_copies SET state = ? WHERE message_id = ? AND position = ?",
+                [(SENDING, row[1], row[2]) for row in rows],
+            )
             bodies = {
                 message_id: known_bodies[message_id] for message_id in {row[1] for row in rows} & known_bodies.keys()
             }
@@ -551,10 +648,15 @@ class SqliteSpool:
 
     async def record(self, result: CopyResult) -> Progress:
         def update(db: sqlite3.Connection) -> Progress:
-            row = db.execute("SELECT message_id, headers FROM copies WHERE id = ?", (result.copy_id,)).fetchone()
+            row = db.execute(
+                "SELECT c.message_id, c.headers, c.position, m.received_at, m.upstream"
+                " FROM copies c JOIN messages m ON m.id = c.message_id WHERE c.id = ?",
+                (result.copy_id,),
+            ).fetchone()
             if row is None:
                 return Progress.SENDING  # deleted with `queue delete` while it was being sent
-            message_id, headers = row
+            message_id, headers, position, received_at, upstream = row
+            _count_attempt(db, result, message_id, position, received_at, upstream)
             if result.delivered:
                 db.execute(
                     "INSERT INTO sends (sent_at, recipients) VALUES (?, ?)", (result.sent_at, len(result.delivered))
@@ -656,9 +758,70 @@ class SqliteSpool:
 
     async def delete(self, message_id: str) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
+            db.execute(
+                "UPDATE history_copies SET state = ?, next_attempt = NULL WHERE message_id = ? AND state IN (?, ?, ?)",
+                (DISCARDED, message_id, QUEUED, SENDING, DEFERRED),
+            )
             return db.execute("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
 
         return await self._write(remove)
+
+    async def remember(self, message_id: str, received_at: float, record: MessageRecord) -> None:
+        await self._write(lambda db: _insert_history(db, message_id, received_at, record, ()), durable=False)
+
+    async def history(self, limit: int, decision: str | None = None, text: str = "") -> list[MessageHistory]:
+        def find(db: sqlite3.Connection) -> list[MessageHistory]:
+            query = "SELECT id, received_at, sender, subject, recipients, decision, reason FROM history WHERE 1"
+            parameters: list[str | int] = []
+            if decision is not None:
+                query += " AND decision = ?"
+                parameters.append(decision)
+            if text:
+                query += " AND (instr(lower(subject), ?) OR instr(lower(sender), ?) OR instr(lower(recipients), ?))"
+                parameters += [text.lower()] * 3
+            query += " ORDER BY received_at DESC, rowid DESC LIMIT ?"
+            parameters.append(limit)
+            return [_history_entry(db, row) for row in db.execute(query, parameters).fetchall()]
+
+        return await self._read(find)
+
+    async def history_of(self, message_id: str) -> MessageHistory | None:
+        def find(db: sqlite3.Connection) -> MessageHistory | None:
+            row = db.execute(
+                "SELECT id, received_at, sender, subject, recipients, decision, reason FROM history WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            return None if row is None else _history_entry(db, row)
+
+        return await self._read(find)
+
+    async def forget_history(self, before: float) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM history WHERE received_at < ? AND id NOT IN (SELECT id FROM messages)", (before,)
+            ).rowcount
+
+        return await self._write(purge, durable=False)
+
+    async def metrics(self) -> SpoolMetrics:
+        def read(db: sqlite3.Connection) -> SpoolMetrics:
+            counters = {(name, label): float(value) for name, label, value in db.execute("SELECT * FROM counters")}
+            queue_copies = {QUEUED: 0, DEFERRED: 0, SENDING: 0}
+            for state, tried, count in db.execute(
+                "SELECT state, attempts > 0, COUNT(*) FROM copies GROUP BY state, attempts > 0"
+            ):
+                key = SENDING if state == SENDING else DEFERRED if tried else QUEUED
+                queue_copies[key] += count
+            (oldest,) = db.execute(
+                "SELECT MIN(received_at) FROM messages m"
+                " WHERE EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"
+            ).fetchone()
+            return SpoolMetrics(counters, queue_copies, oldest)
+
+        return await self._read(read)
+
+    async def check_writable(self) -> None:
+        await self._write(lambda db: _set_value(db, "health_checked_at", "", time.time()), durable=False)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -718,8 +881,101 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
             for position, copy in enumerate(message.copies)
         ],
     )
+    if message.record is not None:
+        _insert_history(db, message.id, message.received_at, message.record, message.copies)
     rows = db.execute("SELECT id FROM copies WHERE message_id = ? ORDER BY position", (message.id,))
     return tuple(row[0] for row in rows)
+
+
+def _add_value(db: sqlite3.Connection, name: str, label: str, amount: float = 1.0) -> None:
+    db.execute(
+        "INSERT INTO counters (name, label, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value",
+        (name, label, amount),
+    )
+
+
+def _set_value(db: sqlite3.Connection, name: str, label: str, value: float) -> None:
+    db.execute(
+        "INSERT INTO counters (name, label, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (name, label) DO UPDATE SET value = excluded.value",
+        (name, label, value),
+    )
+
+
+def _insert_history(
+    db: sqlite3.Connection, message_id: str, received_at: float, record: MessageRecord, copies: Sequence[NewCopy]
+) -> None:
+    db.execute(
+        "INSERT INTO history (id, received_at, sender, subject, recipients, decision, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            message_id,
+            received_at,
+            record.sender,
+            record.subject,
+            _lines(record.recipients),
+            record.decision,
+            record.reason,
+        ),
+    )
+    db.executemany(
+        "INSERT INTO history_copies (message_id, position, recipients, state) VALUES (?, ?, ?, ?)",
+        [
+            (message_id, position, _lines(copy.recipients), SENDING if copy.claimed_until else QUEUED)
+            for position, copy in enumerate(copies)
+        ],
+    )
+    _add_value(db, "messages_total", record.decision)
+
+
+def _count_attempt(
+    db: sqlite3.Connection,
+    result: CopyResult,
+    message_id: str,
+    position: int,
+    received_at: float,
+    upstream: str | None,
+) -> None:
+    """The history's copy state and the totals for /metrics, in the transaction that stores the result."""
+    state = DEFERRED if result.retry else BOUNCED if result.failed else DELIVERED
+    last_reply = result.failed[0][1] if state == BOUNCED else result.last_reply
+    db.execute(
+        "UPDATE history_copies SET state = ?, attempts = attempts + ?, last_reply = ?, next_attempt = ?"
+        " WHERE message_id = ? AND position = ?",
+        (
+            state,
+            int(result.counts_as_attempt),
+            last_reply,
+            result.next_attempt if result.retry else None,
+            message_id,
+            position,
+        ),
+    )
+    if result.counts_as_attempt:
+        _add_value(db, "copies_total", state)
+        _set_value(db, "upstream_up", upstream or "default", float(result.reached_upstream))
+    if result.delivered:
+        seconds = max(0.0, result.sent_at - received_at)
+        for bound in DELIVERY_SECONDS_BUCKETS:
+            if seconds <= bound:
+                _add_value(db, "delivery_seconds_bucket", repr(bound))
+        _add_value(db, "delivery_seconds_count", "")
+        _add_value(db, "delivery_seconds_sum", "", seconds)
+
+
+def _history_entry(db: sqlite3.Connection, row: tuple[str, float, str, str, str, str, str]) -> MessageHistory:
+    message_id = str(row[0])
+    copies = tuple(
+        CopyHistory(position, _split_lines(recipients), state, attempts, last_reply, next_attempt)
+        for position, recipients, state, attempts, last_reply, next_attempt in db.execute(
+            "SELECT position, recipients, state, attempts, last_reply, next_attempt FROM history_copies"
+            " WHERE message_id = ? ORDER BY position",
+            (message_id,),
+        )
+    )
+    record = MessageRecord(str(row[2]), str(row[3]), _split_lines(str(row[4])), str(row[5]), str(row[6]))
+    return MessageHistory(message_id, float(row[1]), record, copies)
 
 
 def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSummary]:

@@ -76,6 +76,7 @@ def serve_relay(tmp_path: Path, loops: LoopThread) -> Iterator[Callable[..., Ser
         environ.update(
             {
                 "RELAY_LISTEN_PORT": "0",
+                "RELAY_CONSOLE_PORT": "0",
                 "RELAY_LOGGING_FORMAT": "json",
                 "RELAY_DELIVERY_MODE": "direct",
                 **settings,

@@ -1,0 +1,39 @@
+"""The console's plain words for decisions and copy states, the same on the page and in the API."""
+
+from __future__ import annotations
+
+from relay.activity import REFUSED
+from relay.policy import Action
+from relay.spool import BOUNCED, DEFERRED, DELIVERED, DISCARDED, QUEUED, SENDING, MessageHistory
+
+# Every decision a message can have, for the filter and for /metrics.
+DECISIONS = (*(action.value for action in Action if action is not Action.REJECT), REFUSED)
+
+_DECISION_WORDS = {
+    Action.SPLIT.value: "Split into {copies}",
+    Action.BCC.value: "Sent as {copies} with the recipients hidden (Bcc)",
+    Action.PASS.value: "Sent as written, although recipients could see each other (policy.action: pass)",
+    Action.OVERRIDE.value: "Sent as written, as the sender asked with the override tag",
+    Action.UNCHANGED.value: "Sent unchanged",
+    REFUSED: "Refused, nothing sent",
+}
+
+STATE_WORDS = {
+    QUEUED: "waiting to be sent",
+    SENDING: "being sent",
+    DELIVERED: "sent",
+    DEFERRED: "waiting for a retry",
+    BOUNCED: "bounced",
+    DISCARDED: "deleted from the queue, not sent",
+}
+
+
+def copies_word(count: int) -> str:
+    return f"{count} cop{'y' if count == 1 else 'ies'}"
+
+
+def decision_words(entry: MessageHistory) -> str:
+    """E.g. "Split into 25 copies: 25 recipient address(es) visible to each other in To"."""
+    template = _DECISION_WORDS.get(entry.record.decision, entry.record.decision)
+    headline = template.format(copies=copies_word(len(entry.copies)))
+    return f"{headline}: {entry.record.reason}" if entry.record.reason else headline

@@ -1,0 +1,69 @@
+"""What the relay would do with a message, without sending it: `privacy-relay preview` and the console's Preview."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from relay.activity import REFUSED
+from relay.addresses import parse_address_list
+from relay.config import PolicyConfig
+from relay.errors import SmtpReply
+from relay.message import parse_message
+from relay.pipeline import PrivacyCheckFailed, prepare
+from relay.policy import Envelope
+from relay.rewrite import TraceInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewCopy:
+    kind: str
+    recipients: tuple[str, ...]
+    headers: str  # as sent, decoded for reading (undecodable bytes replaced)
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    mail_from: str | None  # None: the message could not be read, so there is no envelope to show
+    recipients: tuple[str, ...]
+    decision: str  # a policy action, or "refused"
+    reason: str
+    copies: tuple[PreviewCopy, ...] = ()
+    reply: str | None = None  # the refusal the client would get
+    leaked_header: str | None = None  # refused by the privacy check: the header that still named someone
+
+
+def preview_message(
+    policy: PolicyConfig, data: bytes, hostname: str, mail_from: str | None = None, rcpts: Sequence[str] = ()
+) -> Preview:
+    """The decision and every copy; the envelope defaults to From and To/Cc/Bcc, as a mail program would send it."""
+    try:
+        message = parse_message(data)
+    except SmtpReply as refusal:
+        return Preview(None, tuple(rcpts), REFUSED, refusal.text, reply=refusal.render())
+    if mail_from is None:
+        senders = parse_address_list(message.first_value("from") or "")
+        mail_from = senders[0].address if senders else ""
+    if not rcpts:
+        rcpts = [
+            mailbox.address
+            for field in message.fields
+            if field.key in ("to", "cc", "bcc")
+            for mailbox in parse_address_list(field.value)
+        ]
+    recipients = tuple(rcpts)
+    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
+    try:
+        prepared = prepare(Envelope(mail_from, recipients), data, policy, trace, f"<preview@{hostname}>")
+    except PrivacyCheckFailed as failure:
+        return Preview(
+            mail_from, recipients, REFUSED, failure.text, reply=failure.render(), leaked_header=failure.leak.field
+        )
+    except SmtpReply as refusal:
+        return Preview(mail_from, recipients, REFUSED, refusal.text, reply=refusal.render())
+    copies = tuple(
+        PreviewCopy(copy.kind, tuple(copy.recipients), copy.headers.decode("utf-8", errors="replace"))
+        for copy in prepared.copies
+    )
+    return Preview(mail_from, recipients, prepared.decision.action.value, prepared.decision.reason, copies)
