@@ -6,6 +6,7 @@ Pure: built from the envelope and the received bytes, with the standard library'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from email import policy
 from email.parser import BytesHeaderParser
 
@@ -15,6 +16,15 @@ from relay.spool import MessageRecord
 REFUSED = "refused"
 # A subject longer than this is cut: it is only shown in a list.
 SUBJECT_LIMIT = 300
+
+
+def local_time(timestamp: float) -> str:
+    """A time as the console and the CLI show it: the machine's local time, to the second."""
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def copies_word(count: int) -> str:
+    return f"{count} cop{'y' if count == 1 else 'ies'}"
 
 
 def subject_of(data: bytes) -> str:

@@ -114,6 +114,28 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("id", metavar="ID")
     for action in (show, retry, delete):
         config_option(action)
+    held = commands.add_parser(
+        "held",
+        help="messages held for review (policy.action: hold): list, show, release or discard them",
+        description="Held messages wait in the spool until a person decides. Safe while the relay runs.",
+    )
+    held_commands = held.add_subparsers(dest="held_command", required=True, metavar="ACTION")
+    config_option(held_commands.add_parser("list", help="one line per held message"))
+    held_show = held_commands.add_parser("show", help="a held message's sender, subject, recipients and reason")
+    held_show.add_argument("id", metavar="ID")
+    release = held_commands.add_parser(
+        "release",
+        help="send a held message",
+        description="Send a held message: as split (each recipient their own copy), as bcc, or as written "
+        "(everyone sees everyone: asks you to confirm).",
+    )
+    release.add_argument("id", metavar="ID")
+    release.add_argument("--as", dest="release_as", choices=("split", "bcc", "written"), default="split")
+    release.add_argument("--yes", action="store_true", help="confirm --as written without asking")
+    discard = held_commands.add_parser("discard", help="never send a held message")
+    discard.add_argument("id", metavar="ID")
+    for action in (held_show, release, discard):
+        config_option(action)
     auth = commands.add_parser(
         "auth",
         help="sign the relay in to an upstream with OAuth2 (Microsoft 365, Google)",
@@ -346,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.queue_commands import run_queue_command
 
         return run_queue_command(config, args.queue_command, getattr(args, "id", None))
+    if args.command == "held":
+        from relay.held_commands import run_held_command
+
+        return run_held_command(config, args)
     if args.command == "auth":
         return _auth_login(config, args.upstream)
     return _preview(config, args.file, args.mail_from, args.rcpt)

@@ -223,13 +223,18 @@ class DeliveryConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    action: Literal["split", "bcc", "reject", "pass"] = "split"
+    # hold: accept, keep in the spool, send only once a person releases it (console or `privacy-relay held`).
+    action: Literal["split", "bcc", "reject", "pass", "hold"] = "split"
     min_recipients: int = Field(default=2, ge=2)
     internal_domains: tuple[str, ...] = ()
     always_visible: tuple[str, ...] = ()
     calendar: Literal["reject", "pass"] = "reject"
     tnef: Literal["reject", "pass"] = "reject"
     override_tag: str | None = None
+    # action hold: tell the sender their message waits, and how to release it.
+    hold_notify: bool = True
+    # action hold: a message nobody released by then goes back to the sender, not sent.
+    hold_max_age: Duration = Field(default=3 * 86400, gt=0)
 
     @model_validator(mode="after")
     def _override_tag_not_blank(self) -> PolicyConfig:
@@ -310,6 +315,21 @@ class Config(_Section):
     def _passthrough_needs_a_host(self) -> Config:
         if self.upstream.is_passthrough and self.upstream.host is None:
             raise ValueError("upstream.auth is passthrough, so upstream.host must be set: logins are checked there")
+        return self
+
+    @model_validator(mode="after")
+    def _hold_needs_the_spool(self) -> Config:
+        if self.policy.action != "hold":
+            return self
+        if self.delivery.mode == "direct":
+            raise ValueError(
+                "policy.action is hold, so delivery.mode must be hybrid or queue: held mail waits in the spool"
+            )
+        if self.uses_passthrough:
+            raise ValueError(
+                "policy.action is hold, but an upstream's auth is passthrough: that mail is sent while the client "
+                "waits, logged in as the client, so it cannot wait for a person to release it"
+            )
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from relay.config import Config
 from relay.data_reader import read_data
 from relay.delivery import DeliveryReport
 from relay.errors import SmtpReply
+from relay.holding import Holding
 from relay.message import parse_message
 from relay.passthrough import PassthroughSession, own_login_refusal
 from relay.pipeline import PrivacyCheckFailed, prepare
@@ -167,11 +168,16 @@ class RelayHandler:
         hostname: str,
         authenticator: Authenticator | None = None,
         history: Spool | None = None,
+        holding: Holding | None = None,
     ) -> None:
-        """history: the spool that keeps refused messages for the console too (spooled delivery only)."""
+        """history: the spool that keeps refused messages for the console too; holding: policy.action hold.
+
+        Both exist with spooled delivery only.
+        """
         self.config = config
         self.delivery = delivery
         self.history = history
+        self.holding = holding
         self.hostname = hostname
         self.authenticator = authenticator
         self.log = structlog.get_logger("relay")
@@ -388,6 +394,8 @@ class RelayHandler:
                 exposed_fields=list(decision.exposed_fields),
                 protected=len(decision.protected),
             )
+        if decision.action is Action.HOLD:
+            return await self._hold(log, queue_id, policy_envelope, data, trace, decision.reason, received_at)
         # A passthrough session's mail goes out now, logged in as the client, and is never spooled.
         delivery = passthrough or self.delivery
         try:
@@ -410,6 +418,28 @@ class RelayHandler:
             queued=report.queued,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+        return reply
+
+    async def _hold(
+        self,
+        log: Any,
+        queue_id: str,
+        envelope: PolicyEnvelope,
+        data: bytes,
+        trace: TraceInfo,
+        reason: str,
+        received_at: float,
+    ) -> str:
+        if self.holding is None:
+            # policy.action became hold at a reload while delivery.mode is still direct (a restart-only setting).
+            log.error("message.not_held", reason="policy.action hold needs spooled delivery; restart the relay")
+            return "451 4.3.5 The relay cannot hold mail for review until it is restarted; try again later"
+        try:
+            reply = await self.holding.hold(queue_id, envelope, data, trace, reason, received_at)
+        except SmtpReply as refusal:
+            log.error("message.not_stored", code=refusal.code, reason=refusal.text)
+            return refusal.render()
+        log.info("message.held", reason=reason, size=len(data), recipients=len(envelope.rcpt_tos))
         return reply
 
 

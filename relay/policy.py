@@ -29,6 +29,7 @@ class Action(StrEnum):
     BCC = "bcc"
     REJECT = "reject"
     PASS = "pass"  # noqa: S105 (exposed, sent as written on purpose: audit only)
+    HOLD = "hold"  # exposed: kept, unsent, until a person releases or discards it
     OVERRIDE = "override"  # the sender asked, with policy.override_tag, to send it as written
     UNCHANGED = "unchanged"  # nothing to protect
 
@@ -220,6 +221,8 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
         return decision(Action.REJECT, reason, (), rejection=refusal)
     if tnef_exposes:
         return decision(Action.REJECT, reason, (), rejection=SmtpReply(550, "5.7.1", TNEF_REFUSAL))
+    if action is Action.HOLD:
+        return decision(Action.HOLD, reason, ())
     if action is Action.REJECT:
         rejection = SmtpReply(
             550,

@@ -29,6 +29,7 @@ from relay.delivery import (
     UpstreamDestination,
 )
 from relay.forwarder import UpstreamPool
+from relay.holding import Holding
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.oauth import AccessTokens
 from relay.passthrough import PassthroughLogins
@@ -135,7 +136,11 @@ class RelayServer:
         else:
             self.spool = SqliteSpool(config.spool.path)
             self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
-        self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator, history=self.spool)
+        self.holding = Holding(self.spool, self.hostname, lambda: self.config) if self.spool is not None else None
+        self._returning_held: asyncio.Task[None] | None = None
+        self.handler = RelayHandler(
+            config, self.delivery, self.hostname, self.authenticator, history=self.spool, holding=self.holding
+        )
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> RelaySMTP:
@@ -165,6 +170,8 @@ class RelayServer:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
             await self.delivery.start(recover=self._recover_spool)
+            assert self.holding is not None
+            self._returning_held = asyncio.create_task(self.holding.return_expired_forever())
         if self._channel is not None:
             self._receiver = ConnectionReceiver(self._channel, self._serve_connection)
             return
@@ -235,6 +242,10 @@ class RelayServer:
             self._server.close()
         if self._receiver is not None:
             self._receiver.close()
+        if self._returning_held is not None:
+            self._returning_held.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._returning_held
         await self.delivery.stop(self.config.delivery.stop_timeout)
 
 

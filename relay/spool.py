@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import os
 import secrets
 import sqlite3
@@ -93,6 +94,17 @@ CREATE TABLE IF NOT EXISTS history_copies (
     next_attempt REAL,
     PRIMARY KEY (message_id, position)
 );
+-- Messages kept unsent (policy.action: hold) until a person releases or discards them.
+CREATE TABLE IF NOT EXISTS held (
+    id TEXT PRIMARY KEY,
+    mail_from TEXT NOT NULL,
+    recipients TEXT NOT NULL,    -- the envelope's, one per line
+    smtputf8 INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    trace TEXT NOT NULL,         -- JSON: what the relay's Received line says, for the copies made at release
+    state TEXT NOT NULL,         -- held | released | discarded | returned
+    data BLOB NOT NULL           -- the message as received; emptied once it is settled
+);
 -- Totals for /metrics, shared by every worker and kept across restarts; label is '' when there is none.
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
@@ -109,6 +121,10 @@ DELIVERED = "delivered"
 DEFERRED = "deferred"
 BOUNCED = "bounced"
 DISCARDED = "discarded"
+HELD = "held"
+# What became of a held message.
+RELEASED = "released"
+RETURNED = "returned"  # held past policy.hold_max_age: returned to the sender, not sent
 _DAY = 86_400.0
 # Upper bounds of the delivery time histogram, in seconds: from a quick relay to a day of retries.
 DELIVERY_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
@@ -195,12 +211,25 @@ class MessageHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldMessage:
+    id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    smtputf8: bool
+    received_at: float
+    trace: dict[str, str]
+    state: str  # held, released, discarded or returned
+    data: bytes  # empty once settled
+
+
+@dataclass(frozen=True, slots=True)
 class SpoolMetrics:
     """The spool's side of /metrics, read in one go."""
 
     counters: dict[tuple[str, str], float]  # (name, label) -> total since the spool was made
     queue_copies: dict[str, int]  # queued (never tried), deferred (tried, waiting), sending
     oldest_received_at: float | None  # of the messages with copies waiting
+    held: int  # messages held for review
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +378,24 @@ class Spool(Protocol):
         """Drop what the history keeps of messages received before then and no longer in the spool."""
 
     async def metrics(self) -> SpoolMetrics: ...
+
+    async def hold(self, message: HeldMessage, record: MessageRecord, notice: NewMessage | None) -> None:
+        """Keep a message unsent until a person decides, with the notice to its sender; durable."""
+
+    async def held_messages(self) -> list[HeldMessage]:
+        """Messages still held, oldest first."""
+
+    async def held_message(self, message_id: str) -> HeldMessage | None:
+        """A held message in any state (released, discarded, returned: its data is gone)."""
+
+    async def settle_held(
+        self, message_id: str, state: str, replacement: NewMessage | None, record: MessageRecord | None
+    ) -> bool:
+        """Release (replacement: its copies), discard or return a held message, once: False if it was settled already.
+
+        record, if given, is what the history shows from then on; the replacement's copies replace its
+        held entry there, unless the replacement is a report to the sender.
+        """
 
     async def check_writable(self) -> None:
         """Raise SpoolWriteError when a write cannot be committed (for /healthz)."""
@@ -797,8 +844,11 @@ class SqliteSpool:
 
     async def forget_history(self, before: float) -> int:
         def purge(db: sqlite3.Connection) -> int:
+            db.execute("DELETE FROM held WHERE received_at < ? AND state != ?", (before, HELD))
             return db.execute(
-                "DELETE FROM history WHERE received_at < ? AND id NOT IN (SELECT id FROM messages)", (before,)
+                "DELETE FROM history WHERE received_at < ? AND id NOT IN (SELECT id FROM messages)"
+                " AND id NOT IN (SELECT id FROM held)",
+                (before,),
             ).rowcount
 
         return await self._write(purge, durable=False)
@@ -816,9 +866,82 @@ class SqliteSpool:
                 "SELECT MIN(received_at) FROM messages m"
                 " WHERE EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"
             ).fetchone()
-            return SpoolMetrics(counters, queue_copies, oldest)
+            (held,) = db.execute("SELECT COUNT(*) FROM held WHERE state = ?", (HELD,)).fetchone()
+            return SpoolMetrics(counters, queue_copies, oldest, held)
 
         return await self._read(read)
+
+    async def hold(self, message: HeldMessage, record: MessageRecord, notice: NewMessage | None) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO held (id, mail_from, recipients, smtputf8, received_at, trace, state, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.mail_from,
+                    _lines(message.recipients),
+                    int(message.smtputf8),
+                    message.received_at,
+                    json.dumps(message.trace),
+                    HELD,
+                    message.data,
+                ),
+            )
+            _insert_history(db, message.id, message.received_at, record, ())
+            db.execute(
+                "INSERT INTO history_copies (message_id, position, recipients, state) VALUES (?, 0, ?, ?)",
+                (message.id, _lines(message.recipients), HELD),
+            )
+            if notice is not None:
+                _insert(db, notice)
+
+        await self._write(insert)
+
+    async def held_messages(self) -> list[HeldMessage]:
+        def find(db: sqlite3.Connection) -> list[HeldMessage]:
+            rows = db.execute(f"{_SELECT_HELD} WHERE state = ? ORDER BY received_at, id", (HELD,)).fetchall()
+            return [_held(row) for row in rows]
+
+        return await self._read(find)
+
+    async def held_message(self, message_id: str) -> HeldMessage | None:
+        def find(db: sqlite3.Connection) -> HeldMessage | None:
+            row = db.execute(f"{_SELECT_HELD} WHERE id = ?", (message_id,)).fetchone()
+            return None if row is None else _held(row)
+
+        return await self._read(find)
+
+    async def settle_held(
+        self, message_id: str, state: str, replacement: NewMessage | None, record: MessageRecord | None
+    ) -> bool:
+        def settle(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE held SET state = ?, data = X'' WHERE id = ? AND state = ?", (state, message_id, HELD)
+            ).rowcount
+            if not changed:
+                return False
+            if record is not None:
+                db.execute(
+                    "UPDATE history SET decision = ?, reason = ? WHERE id = ?",
+                    (record.decision, record.reason, message_id),
+                )
+            if state == RELEASED and replacement is not None:
+                db.execute("DELETE FROM history_copies WHERE message_id = ?", (message_id,))
+                _insert(db, replacement)
+                db.executemany(
+                    "INSERT INTO history_copies (message_id, position, recipients, state) VALUES (?, ?, ?, ?)",
+                    [(message_id, n, _lines(copy.recipients), QUEUED) for n, copy in enumerate(replacement.copies)],
+                )
+            else:
+                db.execute(
+                    "UPDATE history_copies SET state = ? WHERE message_id = ?",
+                    (DISCARDED if state == DISCARDED else BOUNCED, message_id),
+                )
+                if replacement is not None:
+                    _insert(db, replacement)
+            return True
+
+        return await self._write(settle)
 
     async def check_writable(self) -> None:
         await self._write(lambda db: _set_value(db, "health_checked_at", "", time.time()), durable=False)
@@ -885,6 +1008,14 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
         _insert_history(db, message.id, message.received_at, message.record, message.copies)
     rows = db.execute("SELECT id FROM copies WHERE message_id = ? ORDER BY position", (message.id,))
     return tuple(row[0] for row in rows)
+
+
+_SELECT_HELD = "SELECT id, mail_from, recipients, smtputf8, received_at, trace, state, data FROM held"
+
+
+def _held(row: tuple[str, str, str, int, float, str, str, bytes]) -> HeldMessage:
+    trace = {str(key): str(value) for key, value in json.loads(row[5]).items()}
+    return HeldMessage(row[0], row[1], _split_lines(row[2]), bool(row[3]), row[4], trace, row[6], bytes(row[7]))
 
 
 def _add_value(db: sqlite3.Connection, name: str, label: str, amount: float = 1.0) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +17,14 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from relay.activity import copies_word, local_time
 from relay.config import Config
 from relay.console.access import Access, add_security_headers, guard, json_errors, refusal
 from relay.console.metrics import CONTENT_TYPE, ConsoleMetrics
-from relay.console.words import DECISIONS, STATE_WORDS, copies_word, decision_words
+from relay.console.words import DECISIONS, STATE_WORDS, decision_words
+from relay.holding import RELEASE_CHOICES, CannotRelease, Holding, NotHeld, Settled
 from relay.preview import Preview, preview_message
-from relay.spool import DEFERRED, QUEUED, SENDING, MessageHistory, MessageSummary, Spool, SpoolWriteError
+from relay.spool import DEFERRED, HELD, QUEUED, SENDING, MessageHistory, MessageSummary, Spool, SpoolWriteError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -40,6 +42,7 @@ class ConsoleState:
     metrics: ConsoleMetrics
     accepting: Callable[[], bool]  # whether the relay takes mail right now
     hostname: str
+    holding: Holding | None  # None in direct delivery
 
 
 STATE = web.AppKey("state", ConsoleState)
@@ -48,12 +51,6 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 
 def iso_time(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
-
-
-def local_time(timestamp: float | None) -> str:
-    if timestamp is None:
-        return ""
-    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def message_json(entry: MessageHistory) -> dict[str, Any]:
@@ -196,6 +193,64 @@ async def api_delete(request: web.Request) -> web.Response:
     return web.json_response({"id": request.match_info["id"], "deleted": True})
 
 
+def _holding(request: web.Request) -> Holding:
+    holding = _state(request).holding
+    if holding is None:
+        raise web.HTTPNotFound(reason="delivery.mode is direct: nothing can be held")
+    return holding
+
+
+async def held_entries(request: web.Request) -> list[MessageHistory]:
+    spool = _spool(request)
+    entries = [await spool.history_of(held.id) for held in await spool.held_messages()]
+    return [entry for entry in entries if entry is not None]
+
+
+async def api_held(request: web.Request) -> web.Response:
+    return web.json_response({"held": [message_json(entry) for entry in await held_entries(request)]})
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        raise BadRequest('the body must be a JSON object, for example {"as": "split"}') from None
+    if not isinstance(body, dict):
+        raise BadRequest('the body must be a JSON object, for example {"as": "split"}')
+    return body
+
+
+def _settled_answer(request: web.Request, action: Callable[[], Awaitable[Settled]]) -> Awaitable[web.Response]:
+    async def answer() -> web.Response:
+        try:
+            settled = await action()
+        except NotHeld as exc:
+            return refusal(request, 404 if exc.state is None else 409, str(exc))
+        except CannotRelease as exc:
+            return refusal(request, 422, str(exc))
+        return web.json_response({"id": settled.id, "state": settled.state, "copies": settled.copies})
+
+    return answer()
+
+
+async def api_release(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    how = body.get("as")
+    if how not in RELEASE_CHOICES:
+        raise BadRequest(f'"as" must be one of {", ".join(RELEASE_CHOICES)}')
+    if how == "written" and body.get("confirm") is not True:
+        raise BadRequest(
+            'releasing as written shows every recipient to all the others; send {"as": "written", "confirm": true}'
+        )
+    holding, message_id = _holding(request), request.match_info["id"]
+    return await _settled_answer(request, lambda: holding.release(message_id, how))
+
+
+async def api_discard(request: web.Request) -> web.Response:
+    holding, message_id = _holding(request), request.match_info["id"]
+    return await _settled_answer(request, lambda: holding.discard(message_id))
+
+
 async def run_preview(state: ConsoleState, data: bytes, mail_from: str | None, rcpts: list[str]) -> Preview:
     # In a thread: a large message takes a while to parse, and the console's other requests go on.
     return await asyncio.to_thread(preview_message, state.config.policy, data, state.hostname, mail_from, rcpts)
@@ -283,6 +338,46 @@ async def queue_delete_form(request: web.Request) -> web.Response:
     deleted = await _spool(request).delete(request.match_info["id"])
     notice = "deleted; no delivery report is sent" if deleted else "not in the queue any more"
     raise web.HTTPSeeOther(location=str(request.app.router["queue"].url_for().with_query(notice=notice)))
+
+
+async def held_page(request: web.Request) -> web.Response:
+    entries = [] if _state(request).spool is None else await held_entries(request)
+    return render(request, "held.html", entries=entries, notice=request.query.get("notice", ""))
+
+
+def _back_to_held(request: web.Request, notice: str) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(location=str(request.app.router["held"].url_for().with_query(notice=notice)))
+
+
+async def held_confirm(request: web.Request) -> web.Response:
+    """The second question before a release as written or a discard."""
+    message_id, step = request.match_info["id"], request.match_info["step"]
+    entry = await _spool(request).history_of(message_id)
+    held = await _spool(request).held_message(message_id)
+    if entry is None or held is None or held.state != HELD or step not in ("written", "discard"):
+        raise _back_to_held(request, f"{message_id} is not held any more")
+    return render(request, "confirm_held.html", entry=entry, step=step)
+
+
+async def held_form(request: web.Request) -> web.Response:
+    form = await request.post()
+    message_id = request.match_info["id"]
+    how = form.get("as")
+    holding = _holding(request)
+    try:
+        if how == "discard":
+            await holding.discard(message_id)
+            notice = f"{message_id} discarded: it will never be sent"
+        elif how in RELEASE_CHOICES:
+            if how == "written" and form.get("confirm") != "yes":
+                raise _back_to_held(request, "not released: releasing as written needs the second confirmation")
+            settled = await holding.release(message_id, how)
+            notice = f"{message_id} released as {how}: {copies_word(settled.copies)} on their way"
+        else:
+            raise BadRequest("choose how to release the message")
+    except (NotHeld, CannotRelease) as exc:
+        notice = str(exc)
+    raise _back_to_held(request, notice)
 
 
 async def preview_page(request: web.Request) -> web.Response:
@@ -384,6 +479,9 @@ def build_app(state: ConsoleState) -> web.Application:
     app[TEMPLATES] = environment
     app.router.add_static("/static/", Path(__file__).parent / "static", name="static")
     app.router.add_get("/", activity_page, name="activity")
+    app.router.add_get("/held", held_page, name="held")
+    app.router.add_get("/held/{id}/confirm/{step}", held_confirm)
+    app.router.add_post("/held/{id}", held_form)
     app.router.add_get("/queue", queue_page, name="queue")
     app.router.add_post("/queue/{id}/retry", queue_retry_form)
     app.router.add_get("/queue/{id}/delete", queue_delete_confirm)
@@ -394,6 +492,9 @@ def build_app(state: ConsoleState) -> web.Application:
     app.router.add_post("/status/check", status_check)
     app.router.add_get("/api/messages", api_messages)
     app.router.add_get("/api/messages/{id}", api_message)
+    app.router.add_get("/api/held", api_held)
+    app.router.add_post("/api/held/{id}/release", api_release)
+    app.router.add_post("/api/held/{id}/discard", api_discard)
     app.router.add_get("/api/queue", api_queue)
     app.router.add_post("/api/queue/{id}/retry", api_retry)
     app.router.add_delete("/api/queue/{id}", api_delete)

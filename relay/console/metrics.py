@@ -54,6 +54,9 @@ class _SpoolCollector(Collector):
             "Age of the oldest message with copies still to send (0: none)",
             value=0.0 if oldest is None else max(0.0, time.time() - oldest),
         )
+        yield GaugeMetricFamily(
+            "privacy_relay_held_messages", "Messages held for review (policy.action: hold)", value=snapshot.held
+        )
         count = counters.get(("delivery_seconds_count", ""), 0.0)
         buckets = [
             (repr(bound), counters.get(("delivery_seconds_bucket", repr(bound)), 0.0))

@@ -19,6 +19,7 @@ from relay.console.access import Access
 from relay.console.app import ConsoleState, build_app
 from relay.console.metrics import ConsoleMetrics
 from relay.console.token import load_or_create_token
+from relay.holding import Holding
 from relay.spool import SqliteSpool
 
 # How often what the history keeps beyond console.history_days is purged.
@@ -43,6 +44,10 @@ class ConsoleThread:
 
     def count_connection(self) -> None:
         self.metrics.count_connection()
+
+    def _current_config(self) -> Config:
+        assert self._state is not None
+        return self._state.config
 
     def reconfigure(self, config: Config) -> None:
         """Show the relay's reloaded config (policy, upstreams); the console's own settings need a restart."""
@@ -91,7 +96,9 @@ class ConsoleThread:
             tls_context.load_cert_chain(config.listen.cert_file, config.listen.key_file)
         host_names = ("localhost", "127.0.0.1", "::1", console.host, *console.allowed_hosts)
         access = Access(token, host_names, console.metrics_public, str(config.console_token_file))
-        self._state = ConsoleState(config, spool, access, self.metrics, self._accepting, socket.gethostname())
+        hostname = socket.gethostname()
+        holding = None if spool is None else Holding(spool, hostname, self._current_config)
+        self._state = ConsoleState(config, spool, access, self.metrics, self._accepting, hostname, holding)
         self._runner = web.AppRunner(build_app(self._state), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, console.host, console.port, ssl_context=tls_context)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from relay.activity import REFUSED
+from relay.activity import REFUSED, copies_word
 from relay.policy import Action
-from relay.spool import BOUNCED, DEFERRED, DELIVERED, DISCARDED, QUEUED, SENDING, MessageHistory
+from relay.spool import BOUNCED, DEFERRED, DELIVERED, DISCARDED, HELD, QUEUED, SENDING, MessageHistory
 
 # Every decision a message can have, for the filter and for /metrics.
 DECISIONS = (*(action.value for action in Action if action is not Action.REJECT), REFUSED)
@@ -15,6 +15,7 @@ _DECISION_WORDS = {
     Action.PASS.value: "Sent as written, although recipients could see each other (policy.action: pass)",
     Action.OVERRIDE.value: "Sent as written, as the sender asked with the override tag",
     Action.UNCHANGED.value: "Sent unchanged",
+    Action.HOLD.value: "Held for review, not sent",
     REFUSED: "Refused, nothing sent",
 }
 
@@ -24,12 +25,9 @@ STATE_WORDS = {
     DELIVERED: "sent",
     DEFERRED: "waiting for a retry",
     BOUNCED: "bounced",
-    DISCARDED: "deleted from the queue, not sent",
+    DISCARDED: "discarded, not sent",
+    HELD: "held for review",
 }
-
-
-def copies_word(count: int) -> str:
-    return f"{count} cop{'y' if count == 1 else 'ies'}"
 
 
 def decision_words(entry: MessageHistory) -> str:
