@@ -1087,6 +1087,7 @@ def _count_attempt(
         _add_value(db, "copies_total", state)
         _set_value(db, "upstream_up", upstream or "default", float(result.reached_upstream))
     if result.delivered:
+        _set_value(db, "upstream_last_delivery", upstream or "default", result.sent_at)
         seconds = max(0.0, result.sent_at - received_at)
         for bound in DELIVERY_SECONDS_BUCKETS:
             if seconds <= bound:

@@ -413,14 +413,18 @@ async def status_page(request: web.Request, checks: list[Any] | None = None) -> 
     state = _state(request)
     config = state.config
     snapshot = None if state.spool is None else await state.spool.metrics()
-    upstream_up = {} if snapshot is None else {k[1]: v for k, v in snapshot.counters.items() if k[0] == "upstream_up"}
+    counters = {} if snapshot is None else snapshot.counters
+    upstreams = sorted({label for name, label in counters if name == "upstream_up"})
+    upstream_state = [
+        (name, counters[("upstream_up", name)], counters.get(("upstream_last_delivery", name))) for name in upstreams
+    ]
     return render(
         request,
         "status.html",
         config=config,
         accepting=state.accepting(),
         snapshot=snapshot,
-        upstream_up=upstream_up,
+        upstream_state=upstream_state,
         spool_bytes=_spool_bytes(config),
         checks=checks,
     )

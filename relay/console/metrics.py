@@ -73,10 +73,18 @@ class _SpoolCollector(Collector):
             "1 when the last attempt through this upstream got an answer, 0 when it could not connect or log in",
             labels=["upstream"],
         )
+        last_delivery = GaugeMetricFamily(
+            "privacy_relay_upstream_last_delivery_timestamp_seconds",
+            "When this upstream last accepted a copy (Unix time)",
+            labels=["upstream"],
+        )
         for (name, label), value in sorted(counters.items()):
             if name == "upstream_up":
                 upstream_up.add_metric([label], value)
+            elif name == "upstream_last_delivery":
+                last_delivery.add_metric([label], value)
         yield upstream_up
+        yield last_delivery
 
 
 class ConsoleMetrics:
