@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import socket
 import sys
 import webbrowser
 from collections.abc import Sequence
@@ -274,17 +273,20 @@ def _check(config: Config, source: str) -> int:
         print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
     else:
         password = config.upstream_password.get_secret_value() if config.upstream_password else None
-        ok = _probe("upstream", config.upstream, password, access_tokens(config.upstream))
+        ok = _probe("upstream", config, config.upstream, password, access_tokens(config.upstream))
     for name, upstream in config.upstreams.items():
         secret = config.named_upstream_passwords.get(name)
         password = secret.get_secret_value() if secret else None
         print(f"\nupstreams.{name} ({upstream.host}:{upstream.port}):")
-        ok = _probe(f"upstreams.{name}", upstream, password, access_tokens(upstream, name)) and ok
+        ok = _probe(f"upstreams.{name}", config, upstream, password, access_tokens(upstream, name)) and ok
     return 0 if ok else 1
 
 
-def _probe(key: str, upstream: UpstreamConfig, password: str | None, tokens: AccessTokens | None) -> bool:
-    steps = asyncio.run(probe_upstream(upstream, password, socket.gethostname(), tokens))
+def _probe(
+    key: str, config: Config, upstream: UpstreamConfig, password: str | None, tokens: AccessTokens | None
+) -> bool:
+    hostname, _ = config.listen.own_hostname()
+    steps = asyncio.run(probe_upstream(upstream, password, hostname, tokens))
     for step in steps:
         print(f"{step.step}: {'OK' if step.ok else 'FAILED'}: {step.detail}")
     ok = all(step.ok for step in steps)
@@ -328,7 +330,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
             if field.key in ("to", "cc", "bcc")
             for mailbox in parse_address_list(field.value)
         ]
-    hostname = socket.gethostname()
+    hostname, _ = config.listen.own_hostname()
     trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
     envelope = Envelope(mail_from, tuple(rcpts))
     print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
