@@ -389,6 +389,8 @@ class RelayHandler:
 def tls_failure_reason(error: BaseException) -> str:
     """One line for the log: OpenSSL's reason (TLSV1_ALERT_UNKNOWN_CA, WRONG_VERSION_NUMBER) when it gave one."""
     reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
+    if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError) and not str(error):
+        reason = "the client closed the connection during the handshake"
     text = str(reason or error) or type(error).__name__
     return text.splitlines()[0]
 
@@ -489,7 +491,7 @@ class RelaySMTP(SMTP):
             error = handshake.exception()
         if error is None and self.session is not None:
             return
-        self._log_tls_failure("implicit", error or ConnectionResetError("the client closed the connection"))
+        self._log_tls_failure("implicit", error or ConnectionResetError())
         transport.close()
         self._release_slot()
 
