@@ -166,8 +166,16 @@ def _describe_senders(account: Account) -> str:
     return "may send as " + ", ".join(account.addresses)
 
 
-def _user(config: Config, args: argparse.Namespace) -> int:
-    path = config.listen.users_file
+def _user(config: Config, args: argparse.Namespace, source: str) -> int:
+    # Absolute, so that an administrator who ran this in another folder sees which file changed.
+    path = config.listen.users_file.resolve()
+    if args.user_command != "list" and "users_file" not in config.listen.model_fields_set:
+        print(
+            f"privacy-relay: listen.users_file is not set in {source}, so this is the default file in the "
+            f"current folder: {path}. Pass --config with the relay's own config file to change the "
+            "accounts the relay reads.",
+            file=sys.stderr,
+        )
     try:
         if args.user_command == "list":
             if not path.exists():
@@ -369,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(config, source)
     if args.command == "user":
-        return _user(config, args)
+        return _user(config, args, source)
     if args.command == "queue":
         from relay.queue_commands import run_queue_command
 
