@@ -249,6 +249,11 @@ def _check_listen(config: Config) -> bool:
 
     listen = config.listen
     ok = True
+    hostname, qualified = listen.own_hostname()
+    if qualified:
+        print(f"listen hostname: OK: {hostname}")
+    else:
+        print(f"listen hostname: WARNING: the machine has no fully qualified name, so {hostname}; set listen.hostname")
     if listen.tls != "none":
         try:
             client_tls_context(listen)
