@@ -153,11 +153,12 @@ def _readings(line: str) -> set[str]:
     forms = {line.lower()}
     if "=?" in line:
         forms.add(_decode_encoded_words(line).lower())
-    if "%" in line:
+    # Each step also reads what the steps before it decoded (an encoded word may hold %40).
+    if any("%" in text for text in forms):
         forms |= {unquote(text, errors="replace") for text in forms}
-    if "\\" in line:
+    if any("\\" in text for text in forms):
         forms |= {text.replace("\\", "") for text in forms}
-    if not line.isascii():
+    if not all(text.isascii() for text in forms):
         forms |= {unicodedata.normalize("NFKC", text).lower().translate(_IDEOGRAPHIC_DOTS) for text in forms}
     return forms
 
