@@ -9,7 +9,7 @@ from relay.leakcheck import LeakChecker
 from relay.message import parse_message
 from relay.pipeline import PrivacyCheckFailed
 from relay.policy import Action, Envelope, decide
-from tests.unit.mailkit import message, run
+from tests.unit.mailkit import copy_for, message, run
 
 PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo b@four.test", "jo@bücher.test"})
 
@@ -175,3 +175,17 @@ def test_a_message_whose_text_starts_with_recipient_fields_is_refused() -> None:
     with pytest.raises(PrivacyCheckFailed) as refused:
         run(data, [ANN, BOB])
     assert refused.value.leak.in_body and "the text of the message starts with" in refused.value.text
+
+
+def test_fields_the_rewrite_filters_are_filtered_by_the_same_reading() -> None:
+    data = message(
+        "From: coach@coaching.test",
+        "To: undisclosed-recipients:;",
+        "X-Original-To: ann@a.example--b",
+        "Reply-To: coach@coaching.test, bob@b.example--b",
+    )
+    prepared = run(data, [ANN, BOB])
+    assert prepared.decision.action is Action.SPLIT
+    assert b"ann@a.example" not in copy_for(prepared, BOB).headers
+    assert b"bob@b.example" not in copy_for(prepared, ANN).headers
+    assert b"Reply-To: coach@coaching.test\r\n" in copy_for(prepared, ANN).headers
