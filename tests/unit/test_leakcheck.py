@@ -12,6 +12,9 @@ from relay.policy import Action, Envelope, decide
 from tests.unit.mailkit import copy_for, message, run
 
 PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo b@four.test", "jo@bücher.test"})
+# For the person's reading: an address glued to a quote, a slash or a field name is still an address.
+ANN, BOB, CARA, DORTE = "ann@a.example", "bob@b.example", "cara@c.example", "dorte@müller.example"
+GLUED = frozenset({ANN, BOB, CARA, DORTE})
 
 
 @pytest.mark.parametrize(
@@ -53,10 +56,13 @@ def test_every_spelling_is_found(header: bytes, address: str) -> None:
         b"To: ann@sub.one.test\r\n",
         b"To: b@two.test\r\n",
         b"Message-ID: <123.ann@one.tests>\r\n",
+        b"To: joann@a.example, Ann <bann@a.example>\r\n",
+        b"To: jo.ann@a.example, jo+ann@a.example, jo_ann@a.example, jo-ann@a.example\r\n",
+        b"To: ann@a.example.org, ann@a.examples, ann@a.example-mail.org, ann@a.example2\r\n",
     ],
 )
 def test_other_addresses_are_not_leaks(header: bytes) -> None:
-    assert LeakChecker(PROTECTED).find(header, frozenset()) is None
+    assert LeakChecker(PROTECTED | GLUED).find(header, frozenset()) is None
 
 
 def test_the_copys_own_address_may_show() -> None:
@@ -71,11 +77,6 @@ def test_the_leak_names_its_field() -> None:
         b"To: x@y.test\r\nReply-To: Ann <ann@one.test>\r\n", frozenset()
     )
     assert leak is not None and (leak.field, leak.address) == ("Reply-To", "ann@one.test")
-
-
-# The person's reading (issue 15): an address glued to a quote, a slash or a field name is still an address.
-ANN, BOB, CARA, DORTE = "ann@a.example", "bob@b.example", "cara@c.example", "dorte@müller.example"
-GLUED = frozenset({ANN, BOB, CARA, DORTE})
 
 
 @pytest.mark.parametrize(
@@ -101,19 +102,6 @@ def test_an_address_a_person_reads_is_found_whatever_is_glued_to_it(header: byte
     assert leak is not None
     assert leak.address == address
     assert leak.field == header.partition(b":")[0].decode()
-
-
-@pytest.mark.parametrize(
-    "header",
-    [
-        b"To: joann@a.example\r\n",
-        b"To: jo.ann@a.example, jo+ann@a.example, jo_ann@a.example, jo-ann@a.example\r\n",
-        b"To: ann@a.example.org, ann@a.examples, ann@a.example-mail.org, ann@a.example2\r\n",
-        b"To: Ann <bann@a.example>\r\n",
-    ],
-)
-def test_a_longer_address_is_not_the_protected_one(header: bytes) -> None:
-    assert LeakChecker(GLUED).find(header, frozenset()) is None
 
 
 def test_joann_and_ann_in_one_message_see_only_themselves() -> None:
