@@ -42,7 +42,10 @@ _DOMAIN = re.compile(r"\[[^\]]{0,300}\]|[\w.\-\u3002\uff0e\uff61]+")
 _LOCAL_CONTINUES = frozenset(".!#$%&*+^_`{|}~-")
 # The person's reading: RFC 5322 atext and the dot. Glued to the left of a match, it makes another address.
 _LOCAL_PART_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+/=?^_`{|}~.-")
-_DOMAIN_RUN = re.compile(r"[\w.\-]*")
+# An "@" and the characters after it that a domain can be made of; a domain is a prefix of the run.
+_AT_AND_DOMAIN_RUN = re.compile(r"@([\w.\-]+)")
+# Inside such a run a domain can end only before one of these (before a letter or digit it goes on).
+_DOMAIN_BREAK = re.compile(r"[-_.]")
 # What makes a person read a longer domain after a match: a letter or digit glued on (ann@x.examples),
 # or more labels (ann@x.example.org, ann@x.example-mail.org). A dash, slash or colon ends it:
 # ann@x.example--b and ann@x.example-Note: read as ann@x.example followed by something else.
@@ -183,18 +186,19 @@ class _TextIndex:
         for key in keys:
             for local, domain in _written_forms(key):
                 self._by_domain.setdefault(domain, {}).setdefault(len(local), {})[local] = key
-        self._domain_lengths = sorted({len(domain) for domain in self._by_domain})
+        self._domain_lengths = frozenset(len(domain) for domain in self._by_domain)
+        self._longest_domain = max(self._domain_lengths, default=0)
 
     def occurrences(self, text: str) -> Iterator[str]:
         """The key of every occurrence in text that a person reads as that address."""
-        at = text.find("@")
-        while at >= 0:
-            run = _DOMAIN_RUN.match(text, at + 1)
-            longest = run.end() - at - 1 if run else 0
-            for length in self._domain_lengths:
-                if length > longest:
-                    break
-                end = at + 1 + length
+        for run in _AT_AND_DOMAIN_RUN.finditer(text):
+            at = run.start()
+            # Linear: only the places where a protected domain could end are tried, within its length.
+            last = min(run.end(), at + 2 + self._longest_domain)
+            ends = [stop.start() for stop in _DOMAIN_BREAK.finditer(text, at + 1, last)]
+            for end in (*ends, run.end()):
+                if end - at - 1 not in self._domain_lengths:
+                    continue
                 by_length = self._by_domain.get(text[at + 1 : end])
                 if by_length is None or _DOMAIN_GOES_ON.match(text, end):
                     continue
@@ -203,7 +207,6 @@ class _TextIndex:
                     key = locals_.get(text[start:at]) if start >= 0 else None
                     if key is not None and not _glued_on_the_left(text, start):
                         yield key
-            at = text.find("@", at + 1)
 
 
 def _glued_on_the_left(text: str, start: int) -> bool:
