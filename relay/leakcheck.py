@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import quopri
 import re
 import unicodedata
@@ -166,16 +167,16 @@ def _readings(line: str) -> set[str]:
     return forms
 
 
-def _written_forms(key: str) -> Iterator[tuple[str, str]]:
+@functools.lru_cache(maxsize=4096)
+def _written_forms(key: str) -> tuple[tuple[str, str], ...]:
     """(local part, domain) of every way the address key is written as text: bare or quoted local part
-    (with and without its backslashes), domain in Unicode and punycode."""
+    (with and without its backslashes), domain in Unicode and punycode. Cached: the policy, the rewrite
+    and the check each build a checker for the same recipients."""
     local, _, domain = key.rpartition("@")
     quoted = quote(local)
     locals_ = {local, f'"{local}"', f'"{quoted}"', f'"{quoted.replace(chr(92), "")}"'}
     domains = {domain, ascii_domain_form(key).rpartition("@")[2]}
-    for written_domain in domains:
-        for written_local in locals_:
-            yield written_local, written_domain
+    return tuple((written_local, written_domain) for written_domain in domains for written_local in locals_)
 
 
 class _TextIndex:
