@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sqlite3
 import sys
 
@@ -31,7 +30,7 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
         return 1
     spool = SqliteSpool(config.spool.path)
     await spool.open()
-    holding = Holding(spool, socket.gethostname(), lambda: config)
+    holding = Holding(spool, config.listen.own_hostname()[0], lambda: config)
     try:
         if args.held_command == "list":
             held = await spool.held_messages()

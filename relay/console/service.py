@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sqlite3
 import ssl
 import threading
@@ -96,7 +95,7 @@ class ConsoleThread:
             tls_context.load_cert_chain(config.listen.cert_file, config.listen.key_file)
         host_names = ("localhost", "127.0.0.1", "::1", console.host, *console.allowed_hosts)
         access = Access(token, host_names, console.metrics_public, str(config.console_token_file))
-        hostname = socket.gethostname()
+        hostname, _ = config.listen.own_hostname()
         holding = None if spool is None else Holding(spool, hostname, self._current_config)
         self._state = ConsoleState(config, spool, access, self.metrics, self._accepting, hostname, holding)
         self._runner = web.AppRunner(build_app(self._state), access_log=None, handle_signals=False)
