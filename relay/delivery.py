@@ -45,7 +45,6 @@ from relay.spool import (
     Spool,
     SpooledCopy,
     SpoolWriteError,
-    new_queue_id,
 )
 
 # A claimed copy not settled by then (its result could not be stored) is sent again.
@@ -768,16 +767,7 @@ class SpooledDelivery:
                 path = await asyncio.to_thread(write_failed, self._failed_folder, message.id, parts)
                 self.log.warning("bounce.kept_as_file", id=message.id, path=str(path))
             else:
-                replacement = NewMessage(
-                    id=new_queue_id(),
-                    mail_from=message.mail_from,
-                    smtputf8=not message.mail_from.isascii(),
-                    body=dsn.body,
-                    copies=(NewCopy((message.mail_from,), "bounce", dsn.headers),),
-                    received_at=now,
-                    upstream=message.upstream,
-                    is_bounce=True,
-                )
+                replacement = NewMessage.to_sender(message.mail_from, dsn.headers, dsn.body, now, message.upstream)
                 self.log.info(
                     "bounce.queued",
                     id=message.id,

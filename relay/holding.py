@@ -36,7 +36,6 @@ from relay.spool import (
     NewCopy,
     NewMessage,
     Spool,
-    new_queue_id,
 )
 
 ReleaseAs = Literal["split", "bcc", "written"]
@@ -141,16 +140,8 @@ class Holding:
         )
         raw = notice.as_bytes()
         end = raw.index(b"\r\n\r\n") + 4
-        return NewMessage(
-            id=new_queue_id(),
-            mail_from=held.mail_from,
-            smtputf8=not held.mail_from.isascii(),
-            body=raw[end:],
-            copies=(NewCopy((held.mail_from,), "notice", raw[:end]),),
-            received_at=now,
-            upstream=route_for(held.mail_from, config.routes),
-            is_bounce=True,
-        )
+        upstream = route_for(held.mail_from, config.routes)
+        return NewMessage.to_sender(held.mail_from, raw[:end], raw[end:], now, upstream, kind="notice")
 
     async def _still_held(self, message_id: str) -> HeldMessage:
         held = await self._spool.held_message(message_id)
@@ -230,16 +221,8 @@ class Holding:
             )
             report = None
             if held.mail_from:
-                report = NewMessage(
-                    id=new_queue_id(),
-                    mail_from=held.mail_from,
-                    smtputf8=not held.mail_from.isascii(),
-                    body=dsn.body,
-                    copies=(NewCopy((held.mail_from,), "bounce", dsn.headers),),
-                    received_at=now,
-                    upstream=route_for(held.mail_from, config.routes),
-                    is_bounce=True,
-                )
+                upstream = route_for(held.mail_from, config.routes)
+                report = NewMessage.to_sender(held.mail_from, dsn.headers, dsn.body, now, upstream)
             else:
                 # The null sender has no mailbox to return it to: a person finds it in outbox/failed/.
                 path = await asyncio.to_thread(write_failed, config.outbox / "failed", held.id, (dsn.headers, dsn.body))

@@ -191,6 +191,22 @@ class NewMessage:
     # Kept in the history for the console; None for the relay's own delivery reports.
     record: MessageRecord | None = None
 
+    @classmethod
+    def to_sender(
+        cls, sender: str, headers: bytes, body: bytes, now: float, upstream: str | None, kind: str = "bounce"
+    ) -> NewMessage:
+        """A message the relay writes to a sender (a delivery report, a notice): never bounced itself."""
+        return cls(
+            id=new_queue_id(),
+            mail_from=sender,
+            smtputf8=not sender.isascii(),
+            body=body,
+            copies=(NewCopy((sender,), kind, headers),),
+            received_at=now,
+            upstream=upstream,
+            is_bounce=True,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class CopyHistory:
@@ -1089,9 +1105,9 @@ def _count_attempt(
     if result.delivered:
         _set_value(db, "upstream_last_delivery", upstream or "default", result.sent_at)
         seconds = max(0.0, result.sent_at - received_at)
-        for bound in DELIVERY_SECONDS_BUCKETS:
-            if seconds <= bound:
-                _add_value(db, "delivery_seconds_bucket", repr(bound))
+        # One row per bucket, not cumulative: one write per copy; /metrics adds them up.
+        bound = next((repr(b) for b in DELIVERY_SECONDS_BUCKETS if seconds <= b), "+Inf")
+        _add_value(db, "delivery_seconds_bucket", bound)
         _add_value(db, "delivery_seconds_count", "")
         _add_value(db, "delivery_seconds_sum", "", seconds)
 

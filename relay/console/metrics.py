@@ -58,10 +58,10 @@ class _SpoolCollector(Collector):
             "privacy_relay_held_messages", "Messages held for review (policy.action: hold)", value=snapshot.held
         )
         count = counters.get(("delivery_seconds_count", ""), 0.0)
-        buckets = [
-            (repr(bound), counters.get(("delivery_seconds_bucket", repr(bound)), 0.0))
-            for bound in DELIVERY_SECONDS_BUCKETS
-        ]
+        buckets, cumulative = [], 0.0
+        for bound in DELIVERY_SECONDS_BUCKETS:
+            cumulative += counters.get(("delivery_seconds_bucket", repr(bound)), 0.0)
+            buckets.append((repr(bound), cumulative))
         yield HistogramMetricFamily(
             "privacy_relay_delivery_seconds",
             "Seconds from a message's acceptance to the upstream's 250 for a copy",

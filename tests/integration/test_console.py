@@ -388,3 +388,14 @@ def test_a_taken_console_port_leaves_the_relay_relaying(start_console, upstream:
     first = start_console(upstream)
     with pytest.raises(AssertionError, match="the console did not start"):
         start_console(upstream, RELAY_CONSOLE_PORT=str(first.client.port))
+
+
+def test_the_delivery_histogram_is_cumulative(start_console, upstream: Upstream) -> None:
+    running = start_console(upstream)
+    assert send(running.relay_port, ["dan@club.test"]).startswith("250")
+    assert wait_until(lambda: "privacy_relay_delivery_seconds_count 1.0" in running.client.get("/metrics").text)
+    text = running.client.get("/metrics").text
+    bounds = re.findall(r'^privacy_relay_delivery_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    counts = [float(count) for _, count in bounds]
+    assert counts == sorted(counts) and counts[-1] == 1 and bounds[-1][0] == "+Inf"
+    assert metric(text, 'privacy_relay_delivery_seconds_bucket{le="86400.0"}') == 1

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 
@@ -37,14 +36,6 @@ def message(
         copies=tuple(NewCopy((r,), "split", f"To: {r}\r\n\r\n".encode()) for r in recipients),
         received_at=received_at,
     )
-
-
-@pytest.fixture
-async def spool(tmp_path: Path):
-    opened = SqliteSpool(tmp_path / "spool")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def rows(spool: SqliteSpool, query: str) -> list[tuple]:

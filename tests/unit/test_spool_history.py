@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
-import pytest
 
 from relay.spool import (
     DISCARDED,
@@ -40,14 +37,6 @@ def held(message_id: str, received_at: float = 1000.0) -> HeldMessage:
     return HeldMessage(message_id, "s@x.test", ("a@x.test", "b@y.test"), False, received_at, trace, HELD, data)
 
 
-@pytest.fixture
-async def spool(tmp_path: Path):
-    opened = SqliteSpool(tmp_path / "spool")
-    await opened.open()
-    yield opened
-    await opened.close()
-
-
 async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool: SqliteSpool) -> None:
     copy_ids = await spool.store(message("M1"))
     await spool.record(CopyResult(copy_ids[0], delivered=("a@x.test",), sent_at=1002.0))
@@ -64,8 +53,9 @@ async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool
     assert metrics.counters[("messages_total", "split")] == 1
     assert metrics.counters[("copies_total", "delivered")] == 1
     assert metrics.counters[("copies_total", "deferred")] == 1
-    assert metrics.counters[("delivery_seconds_bucket", "2.5")] == 1
-    assert ("delivery_seconds_bucket", "1.0") not in metrics.counters
+    assert metrics.counters[("delivery_seconds_bucket", "2.5")] == 1  # 2 s after acceptance: the bucket up to 2.5 s
+    buckets = {label: value for (name, label), value in metrics.counters.items() if name == "delivery_seconds_bucket"}
+    assert buckets == {"2.5": 1}, "one row per bucket, added up by /metrics"
     assert metrics.counters[("delivery_seconds_sum", "")] == 2.0
     assert metrics.queue_copies == {"queued": 0, "deferred": 1, "sending": 0}
     assert metrics.oldest_received_at == 1000.0
