@@ -220,17 +220,14 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _settled_answer(request: web.Request, action: Callable[[], Awaitable[Settled]]) -> Awaitable[web.Response]:
-    async def answer() -> web.Response:
-        try:
-            settled = await action()
-        except NotHeld as exc:
-            return refusal(request, 404 if exc.state is None else 409, str(exc))
-        except CannotRelease as exc:
-            return refusal(request, 422, str(exc))
-        return web.json_response({"id": settled.id, "state": settled.state, "copies": settled.copies})
-
-    return answer()
+async def _settled_answer(request: web.Request, settling: Awaitable[Settled]) -> web.Response:
+    try:
+        settled = await settling
+    except NotHeld as exc:
+        return refusal(request, 404 if exc.state is None else 409, str(exc))
+    except CannotRelease as exc:
+        return refusal(request, 422, str(exc))
+    return web.json_response({"id": settled.id, "state": settled.state, "copies": settled.copies})
 
 
 async def api_release(request: web.Request) -> web.Response:
@@ -242,13 +239,11 @@ async def api_release(request: web.Request) -> web.Response:
         raise BadRequest(
             'releasing as written shows every recipient to all the others; send {"as": "written", "confirm": true}'
         )
-    holding, message_id = _holding(request), request.match_info["id"]
-    return await _settled_answer(request, lambda: holding.release(message_id, how))
+    return await _settled_answer(request, _holding(request).release(request.match_info["id"], how))
 
 
 async def api_discard(request: web.Request) -> web.Response:
-    holding, message_id = _holding(request), request.match_info["id"]
-    return await _settled_answer(request, lambda: holding.discard(message_id))
+    return await _settled_answer(request, _holding(request).discard(request.match_info["id"]))
 
 
 async def run_preview(state: ConsoleState, data: bytes, mail_from: str | None, rcpts: list[str]) -> Preview:
@@ -321,10 +316,15 @@ async def queue_page(request: web.Request) -> web.Response:
     return render(request, "queue.html", summaries=summaries, notice=request.query.get("notice", ""))
 
 
+def _back_to(request: web.Request, page: str, notice: str) -> web.HTTPSeeOther:
+    """After a form's change: back to its page (Post/Redirect/Get), which shows what happened."""
+    return web.HTTPSeeOther(location=str(request.app.router[page].url_for().with_query(notice=notice)))
+
+
 async def queue_retry_form(request: web.Request) -> web.Response:
     count = await retry(request)
     notice = "not in the queue any more" if count is None else f"{copies_word(count)} will be sent within seconds"
-    raise web.HTTPSeeOther(location=str(request.app.router["queue"].url_for().with_query(notice=notice)))
+    raise _back_to(request, "queue", notice)
 
 
 async def queue_delete_confirm(request: web.Request) -> web.Response:
@@ -337,16 +337,12 @@ async def queue_delete_confirm(request: web.Request) -> web.Response:
 async def queue_delete_form(request: web.Request) -> web.Response:
     deleted = await _spool(request).delete(request.match_info["id"])
     notice = "deleted; no delivery report is sent" if deleted else "not in the queue any more"
-    raise web.HTTPSeeOther(location=str(request.app.router["queue"].url_for().with_query(notice=notice)))
+    raise _back_to(request, "queue", notice)
 
 
 async def held_page(request: web.Request) -> web.Response:
     entries = [] if _state(request).spool is None else await held_entries(request)
     return render(request, "held.html", entries=entries, notice=request.query.get("notice", ""))
-
-
-def _back_to_held(request: web.Request, notice: str) -> web.HTTPSeeOther:
-    return web.HTTPSeeOther(location=str(request.app.router["held"].url_for().with_query(notice=notice)))
 
 
 async def held_confirm(request: web.Request) -> web.Response:
@@ -355,7 +351,7 @@ async def held_confirm(request: web.Request) -> web.Response:
     entry = await _spool(request).history_of(message_id)
     held = await _spool(request).held_message(message_id)
     if entry is None or held is None or held.state != HELD or step not in ("written", "discard"):
-        raise _back_to_held(request, f"{message_id} is not held any more")
+        raise _back_to(request, "held", f"{message_id} is not held any more")
     return render(request, "confirm_held.html", entry=entry, step=step)
 
 
@@ -370,14 +366,14 @@ async def held_form(request: web.Request) -> web.Response:
             notice = f"{message_id} discarded: it will never be sent"
         elif how in RELEASE_CHOICES:
             if how == "written" and form.get("confirm") != "yes":
-                raise _back_to_held(request, "not released: releasing as written needs the second confirmation")
+                raise _back_to(request, "held", "not released: releasing as written needs the second confirmation")
             settled = await holding.release(message_id, how)
             notice = f"{message_id} released as {how}: {copies_word(settled.copies)} on their way"
         else:
             raise BadRequest("choose how to release the message")
     except (NotHeld, CannotRelease) as exc:
         notice = str(exc)
-    raise _back_to_held(request, notice)
+    raise _back_to(request, "held", notice)
 
 
 async def preview_page(request: web.Request) -> web.Response:
