@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import stat
 from pathlib import Path
@@ -399,3 +400,27 @@ def test_the_delivery_histogram_is_cumulative(start_console, upstream: Upstream)
     counts = [float(count) for _, count in bounds]
     assert counts == sorted(counts) and counts[-1] == 1 and bounds[-1][0] == "+Inf"
     assert metric(text, 'privacy_relay_delivery_seconds_bucket{le="86400.0"}') == 1
+
+
+def test_a_console_for_other_machines_is_served_over_https_with_the_listen_certificate(
+    start_console, relay_certificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests may use loopback only, so the console's host is taken for one that other machines reach.
+    monkeypatch.setattr("relay.console.service.is_loopback_host", lambda host: False)
+    running = start_console(
+        RELAY_LISTEN_CERT_FILE=str(relay_certificate.cert_file), RELAY_LISTEN_KEY_FILE=str(relay_certificate.key_file)
+    )
+    assert running.console.url == f"https://127.0.0.1:{running.client.port}/"
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", running.client.port, context=relay_certificate.client_context(), timeout=30
+    )
+    try:
+        connection.request("GET", f"/?token={running.client.token}")
+        opened = connection.getresponse()
+        opened.read()
+    finally:
+        connection.close()
+    assert opened.status == 303
+    assert "Secure" in opened.headers["Set-Cookie"]
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        running.client.get("/healthz", bearer=False)  # plain HTTP gets no answer
