@@ -6,6 +6,7 @@ $PRIVACY_RELAY_SCREENSHOTS when set, which is how docs/console-*.png are made).
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import smtplib
@@ -45,15 +46,18 @@ class Screenshots:
         self.copy_to = os.environ.get("PRIVACY_RELAY_SCREENSHOTS")
 
     def take(self, name: str) -> None:
-        for width, suffix in ((1100, ""), (390, "-phone")):
-            self.driver.set_window_size(width, 900)
-            height = self.driver.execute_script("return document.documentElement.scrollHeight")
-            self.driver.set_window_size(width, min(max(int(height) + 40, 600), 2400))
+        """The whole page, as a desktop window and as a phone (Chromium's device emulation) show it."""
+        for width, mobile, suffix in ((1100, False, ""), (390, True, "-phone")):
+            metrics = {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": mobile}
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            shot = self.driver.execute_cdp_cmd(
+                "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+            )
             path = self.folder / f"console-{name}{suffix}.png"
-            assert self.driver.save_screenshot(str(path))
+            path.write_bytes(base64.b64decode(shot["data"]))
             if self.copy_to:
                 shutil.copy(path, Path(self.copy_to) / path.name)
-        self.driver.set_window_size(1100, 900)
+        self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_watch_mail_arrive_and_release_a_held_message_by_clicking(
