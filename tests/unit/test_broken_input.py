@@ -125,7 +125,10 @@ def test_pathological_address_fields_finish(value: str) -> None:
     # The standard library parser raises RecursionError on the nested comments and takes minutes on the quotes.
     parse_address_list(value)
     mentioned_addresses(value)
-    run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Cc: {value}"), [ANN, BOB])
+    try:
+        run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Cc: {value}"), [ANN, BOB])
+    except SmtpReply as refusal:
+        assert (refusal.code, refusal.enhanced) == (554, "5.6.0")  # a line over 998 octets with no space in it
 
 
 def test_a_thousand_recipients_split_into_a_thousand_private_copies() -> None:
