@@ -154,9 +154,11 @@ def _fitted(
 
 def fit_line_length(message: ParsedMessage) -> ParsedMessage:
     """The message with no line over MAX_LINE_OCTETS, its text kept; raises SmtpReply (554) if that cannot be."""
-    fields, body = _fitted(message.fields, message.body, 0, is_message=True)
+    fields, body = _fold_fields(message.fields), message.body
     if longest_line(body) > MAX_LINE_OCTETS:
-        raise _too_long("a part of the message body (a signed, binary or otherwise unchangeable part)")
+        fields, body = _fitted(fields, body, 0, is_message=True)
+        if longest_line(body) > MAX_LINE_OCTETS:
+            raise _too_long("a part of the message body (a signed, binary or otherwise unchangeable part)")
     if fields is message.fields and body is message.body:
         return message
     return replace(message, fields=fields, body=body)

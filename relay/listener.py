@@ -374,7 +374,8 @@ JUNK_COMMAND_LIMIT = 100
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP, with admission (allowed networks, connection limits) and a DATA deadline."""
 
-    # Postfix accepts long lines too; many scripts send HTML on one line.
+    # Postfix accepts long lines too; many scripts send HTML on one line. Lines over 998 octets are
+    # folded or re-encoded before they go on (relay.line_length), or the message is refused.
     line_length_limit = 65_536
 
     def __init__(
