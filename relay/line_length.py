@@ -117,7 +117,9 @@ def _fitted_multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
         new_fields, new_content = _fitted(fields, content, depth + 1, is_message=False)
         if new_fields is fields and new_content is content:
             continue
-        pieces += [body[position:start], serialize([f.raw for f in new_fields]), new_content]
+        # Part headers as they came unless they changed: parse_message may not keep every byte of odd ones.
+        headers = body[start:content_start] if new_fields is fields else serialize([f.raw for f in new_fields])
+        pieces += [body[position:start], headers, new_content]
         position = end
     return b"".join([*pieces, body[position:]]) if pieces else body
 
