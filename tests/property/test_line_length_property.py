@@ -17,7 +17,7 @@ from tests.unit.mailkit import SENDER, run
 RECIPIENTS = ["ann@one.test", "bob@two.test"]
 text_lines = st.lists(
     st.one_of(
-        st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=40),
+        st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=40),
         st.integers(900, 3000).map(lambda n: ("ab= \t" * n)[:n]),  # long, with '=' and whitespace
         st.integers(900, 3000).map(lambda n: "x" * n),
     ),
