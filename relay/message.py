@@ -1,4 +1,4 @@
-"""Splitting a message's bytes into header fields and a body, keeping every byte as it came.
+"""Splitting a message's bytes into header fields and a body, keeping every byte as it came but line endings.
 
 Pure: no I/O. The body is sliced out once and shared by every outgoing copy.
 """
@@ -78,8 +78,9 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
 
     Line endings are read as the sender meant them: LF, CRLF and CR CR LF each end one line (a header field
     never becomes body text because of a doubled CR). A CR that ends no line is refused in the header
-    section, where it could hide a line end from one reader and not another; in the body it becomes CRLF,
-    as no bare CR may go out over SMTP.
+    section, where it could hide a line end from one reader and not another; in the body it becomes CRLF:
+    a bare <LF>.<LF> or <CR>.<CR> left in a copy could end DATA at a laxer upstream and smuggle a second
+    message, so the relay checks and sends the same lines any upstream will see.
     """
     data = _crlf_line_ends(data)
     first_newline = data.find(b"\n")
