@@ -4,7 +4,8 @@ Strict receivers refuse a whole message for one such line. Postfix breaks them o
 (smtp_line_length_limit), which changes the text; here the text is kept exactly: a header line is folded
 at whitespace (its unfolded value is the same), a text or other leaf part written as 7bit or 8bit is
 re-encoded as quoted-printable, and base64 is re-wrapped at 76 columns (their decoded content is the
-same). What cannot be changed without breaking it (a signed part, binary content) is refused.
+same), and a DKIM signature over the old bytes is dropped. What cannot be changed without breaking it
+(a signed part, binary content) is refused.
 
 Pure: no I/O. Input has CRLF line endings only (parse_message makes them so).
 """
@@ -18,6 +19,7 @@ from dataclasses import replace
 from relay.content import MAX_DEPTH, body_parts, content_type_of, first_value, part_headers
 from relay.errors import SmtpReply
 from relay.message import CRLF, HeaderField, ParsedMessage, parse_message, serialize
+from relay.rewrite import SIGNATURE_FIELDS
 
 MAX_LINE_OCTETS = 998  # RFC 5321 4.5.3.1.6: 1,000 with the CRLF
 BASE64_LINE = 76  # RFC 2045 6.8
@@ -163,4 +165,6 @@ def fit_line_length(message: ParsedMessage) -> ParsedMessage:
             raise _too_long("a part of the message body (a signed, binary or otherwise unchangeable part)")
     if fields is message.fields and body is message.body:
         return message
-    return replace(message, fields=fields, body=body)
+    # A signature over the bytes changed here would fail at the receiver; the provider signs anew.
+    unsigned = tuple(field for field in fields if field.key not in SIGNATURE_FIELDS)
+    return replace(message, fields=unsigned, body=body)

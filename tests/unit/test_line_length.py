@@ -52,6 +52,13 @@ def test_a_long_line_in_a_plain_body_is_sent_as_quoted_printable_with_mime_heade
     assert received.get_payload(decode=True) == body
 
 
+def test_a_copy_sent_as_written_loses_its_dkim_signature_when_its_body_is_re_encoded() -> None:
+    data = message(f"From: {SENDER}", f"To: {ANN}", "DKIM-Signature: v=1; d=coaching.test; b=abc", body=LONG_TEXT)
+    [copy] = run(data, [ANN]).copies
+    assert copy.kind == "original"
+    assert b"DKIM-Signature" not in copy.headers  # it signed the body as it was
+
+
 def test_only_the_part_with_a_long_line_is_re_encoded_and_all_copies_share_it() -> None:
     short_part = b"Content-Type: text/plain\r\n\r\nshort part\r\n"
     long_part = b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + LONG_TEXT
