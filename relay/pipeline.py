@@ -5,11 +5,12 @@ Pure: the listener and `privacy-relay preview` both call prepare(); neither dupl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.config import PolicyConfig
 from relay.errors import SmtpReply
 from relay.leakcheck import Leak, LeakChecker
+from relay.line_length import fit_line_length, fold_long_header_lines
 from relay.message import parse_message
 from relay.policy import Decision, Envelope, decide
 from relay.rewrite import OutgoingCopy, TraceInfo, build_copies
@@ -54,7 +55,12 @@ def prepare(
     decision = decide(envelope, message, policy)
     if decision.rejection is not None:
         raise decision.rejection
-    copies = build_copies(message, decision, trace, message_id)
+    # Re-encoded (if a line is too long) once, before the copies share the body.
+    message = fit_line_length(message)
+    copies = [
+        replace(copy, headers=fold_long_header_lines(copy.headers))
+        for copy in build_copies(message, decision, trace, message_id)
+    ]
     checker = LeakChecker(decision.protected)
     for plan, copy in zip(decision.copies, copies, strict=True):
         if not plan.leak_checked:
