@@ -9,9 +9,10 @@ import sys
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 from tests.conftest import Upstream
-from tests.console_support import RunningConsole, send
+from tests.console_support import ConsoleClient, RunningConsole, send
 from tests.integration.test_console import TEAM, browser_session, csrf_token, metric
 from tests.spool_support import wait_until
 
@@ -143,7 +144,10 @@ def test_a_cookie_release_without_csrf_is_refused_and_the_message_stays_held(sta
             f"/api/held/{held_id}/release", b'{"as": "split"}', bearer=False, headers={"Origin": session.origin}
         ),
     ]
-    assert [answer.status for answer in refused] == [403, 403, 403]
+    stranger = ConsoleClient(running.client.port, running.client.token, host="rebind.attacker.test")
+    refused.append(stranger.post(f"/api/held/{held_id}/release", b'{"as": "split"}'))  # the token, a foreign Host
+    refused.append(running.client.post(f"/api/held/{held_id}/release", b'{"as": "split"}', bearer=False))
+    assert [answer.status for answer in refused] == [403, 403, 403, 403, 401]
     assert held_ids(running) == [held_id]
     assert upstream.messages == []
     released = session.post(
@@ -215,3 +219,32 @@ def test_the_held_command_lists_shows_releases_and_discards(start_console, upstr
     assert held_command(tmp_path, "show", "NOSUCHID").returncode == 1
     assert "Nothing is held." in held_command(tmp_path, "list").stdout
     assert len(upstream.messages) == 3
+
+
+def test_the_held_page_asks_a_second_time_before_sending_as_written(start_console, upstream: Upstream) -> None:
+    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", **HOLD)
+    held_id = hold_one(running)
+    session = browser_session(running)
+    page = session.get("/held", bearer=False).text
+    assert "Season dates" in page and f'href="/held/{held_id}/confirm/written"' in page
+    question = session.get(f"/held/{held_id}/confirm/written", bearer=False).text
+    assert "will see all the others' addresses" in question and 'name="confirm" value="yes"' in question
+
+    def post(fields: str) -> str:
+        answer = session.post(
+            f"/held/{held_id}",
+            f"{fields}&csrf={csrf_token(session)}".encode(),
+            bearer=False,
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": session.origin},
+        )
+        assert answer.status == 303
+        return unquote_plus(answer.headers["Location"])
+
+    assert "needs the second confirmation" in post("as=written")
+    assert held_ids(running) == [held_id]
+    assert "released" in post("as=written&confirm=yes")
+    assert wait_until(lambda: len(upstream.messages) == 1)
+    assert sorted(upstream.messages[0].rcpt_tos) == sorted(TEAM)
+    assert "is not held any more: it was released" in post("as=discard")
+    gone = session.get(f"/held/{held_id}/confirm/discard", bearer=False)
+    assert gone.status == 303 and "not held any more" in unquote_plus(gone.headers["Location"])
