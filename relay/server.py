@@ -20,7 +20,6 @@ import structlog
 
 from relay.auth import Authenticator, FailedLoginLockout
 from relay.config import Config, ConfigError, ListenConfig, UpstreamConfig
-from relay.console import ConsoleThread
 from relay.delivery import (
     Destination,
     DirectDelivery,
@@ -270,7 +269,13 @@ async def serve(
 ) -> int:
     log = structlog.get_logger("relay")
     # A worker (channel set) never serves the console: its supervisor does, for all of them.
-    console = ConsoleThread(lambda: server.accepting) if config.console.enabled and channel is None else None
+    console = None
+    if config.console.enabled and channel is None:
+        # Imported only here: aiohttp, Jinja2 and prometheus_client cost about 12 MiB, which workers and
+        # relays without a console do not pay.
+        from relay.console import ConsoleThread
+
+        console = ConsoleThread(lambda: server.accepting)
     server = RelayServer(config, recover_spool, channel, console.count_connection if console else None)
     warn_about_secret_files(config)
     if not server.hostname_qualified:

@@ -19,14 +19,16 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from relay.config import Config, ConfigError
-from relay.console import ConsoleThread
 from relay.delivery import recover_spool
 from relay.spool import SqliteSpool
+
+if TYPE_CHECKING:
+    from relay.console import ConsoleThread
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"
@@ -193,6 +195,9 @@ def supervise(
         channels.append(ours)
         workers.add(pid)
     if config.console.enabled and not stopping:
+        # Imported after the fork: the workers never load the console's libraries.
+        from relay.console import ConsoleThread
+
         console = ConsoleThread(lambda: not stopping and len(workers) == config.listen.workers)
         console.start(worker_config)
     count_connection = console.count_connection if console is not None else None
