@@ -731,13 +731,15 @@ class SpooledDelivery:
         if retry:
             delay = retry_delay(copy.attempts + 1, delivery.min_backoff, delivery.max_backoff, self._rng)
             next_attempt = min(now + max(delay, self._pacer.interval), deadline)
+        # All delivered: the upstream's 250, which the console shows (its queue id helps find the copy).
+        shown = last or outcome.accepted_reply
         result = CopyResult(
             copy_id=copy.id,
             delivered=tuple(r for r in copy.recipients if r in outcome.accepted),
             failed=tuple(failures),
             retry=tuple(retry),
             next_attempt=next_attempt,
-            last_reply=None if last is None else _reply_text(last),
+            last_reply=None if shown is None else _reply_text(shown),
             sent_at=now,
         )
         return result, failed

@@ -46,6 +46,7 @@ class SendOutcome:
 
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, UpstreamReply] = field(default_factory=dict)
+    accepted_reply: UpstreamReply | None = None  # what the upstream said when it took the copy
 
 
 def build_tls_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -202,9 +203,11 @@ class UpstreamPool:
             connection.close()
             raise
         self._keep_or_close(connection)
+        accepted = result.accepted_reply
         return SendOutcome(
             accepted=result.accepted,
             refused={r: UpstreamReply.parse(reply.code, reply.message) for r, reply in result.refused.items()},
+            accepted_reply=None if accepted is None else UpstreamReply.parse(accepted.code, accepted.message),
         )
 
     def _ready_idle_connection(self) -> UpstreamConnection | None:

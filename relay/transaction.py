@@ -101,6 +101,8 @@ class WireBodies:
 class TransactionResult:
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, RawReply] = field(default_factory=dict)
+    # The upstream's reply to the end of DATA when it took the message (its queue id, for a person).
+    accepted_reply: RawReply | None = None
 
 
 def _encode_address(address: str, smtputf8: bool) -> bytes:
@@ -342,6 +344,8 @@ class UpstreamConnection(asyncio.Protocol):
         if not final.ok:
             result.refused.update(dict.fromkeys(result.accepted, final))
             result.accepted = []
+        else:
+            result.accepted_reply = final
         return result
 
     async def quit(self) -> None:

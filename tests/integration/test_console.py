@@ -193,12 +193,13 @@ def test_activity_shows_each_message_its_decision_in_plain_words_and_each_copy(
     assert [copy["recipients"] for copy in entry["copies"]] == [[address] for address in TEAM]
     assert {copy["state"] for copy in entry["copies"]} == {"delivered"}
     assert all(copy["attempts"] == 1 for copy in entry["copies"])
+    assert {copy["last_reply"] for copy in entry["copies"]} == {"250 2.0.0 Queued"}  # the upstream's own words
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", str(entry["received_at"]))
     assert running.client.get(f"/api/messages/{entry['id']}").json() == entry
 
     page = running.client.get("/")
     assert "Träining on Sunday" in page.text and "Split into 3 copies" in page.text
-    assert "ann@families.test" in page.text
+    assert "ann@families.test" in page.text and "250 2.0.0 Queued" in page.text
 
 
 def test_activity_keeps_refused_messages_and_filters_and_searches(start_console, upstream: Upstream) -> None:
