@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,25 @@ def test_metrics_and_activity_after_known_traffic(workers: int, make_upstream: U
         subjects = {m["subject"] for m in client.get("/api/messages").json()["messages"]}
         assert subjects == {f"Round {n}" for n in range(6)} | {"Broken"}
         assert client.get("/healthz", bearer=False).status == 200
+        assert relay.terminate() == 0
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_console_shows_the_policy_reloaded_by_sighup(workers: int, tmp_path: Path) -> None:
+    config_file = tmp_path / "config" / "relay.yaml"
+    config_file.parent.mkdir()
+    config_file.write_text("policy:\n  action: split\n")
+    relay = RelayProcess(tmp_path, {"RELAY_LISTEN_WORKERS": str(workers)})
+    try:
+        assert wait_until(lambda: relay.event("console.started") is not None)
+        url = str(relay.event("console.started")["url"])  # type: ignore[index]
+        client = ConsoleClient(int(url.split(":")[2].split("/")[0]), url.split("token=")[1])
+        assert "<dd>split when" in client.get("/status").text
+        config_file.write_text("policy:\n  action: bcc\n")
+        relay.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "<dd>bcc when" in client.get("/status").text)
         assert relay.terminate() == 0
     finally:
         relay.stop()
