@@ -425,3 +425,27 @@ def test_a_console_for_other_machines_is_served_over_https_with_the_listen_certi
     assert "Secure" in opened.headers["Set-Cookie"]
     with pytest.raises((ConnectionError, http.client.HTTPException)):
         running.client.get("/healthz", bearer=False)  # plain HTTP gets no answer
+
+
+def test_the_preview_page_takes_an_uploaded_eml_file(start_console) -> None:
+    running = start_console()
+    session = browser_session(running)
+    eml = b"From: coach@club.test\r\nTo: ann@families.test, bob@families.test\r\nSubject: Upload\r\n\r\nHi\r\n"
+    boundary = "----console-test"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{csrf_token(session)}\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="team.eml"\r\n'
+        "Content-Type: message/rfc822\r\n\r\n".encode()
+        + eml
+        + b"\r\n",
+        f"--{boundary}--\r\n".encode(),
+    ]
+    page = session.post(
+        "/preview",
+        b"".join(parts),
+        bearer=False,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Origin": session.origin},
+    )
+    assert page.status == 200
+    assert "Decision: split" in page.text and "Copy 2 of 2 (single) to bob@families.test" in page.text
