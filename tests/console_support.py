@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import smtplib
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from relay.console import ConsoleThread
 from relay.server import RelayServer
@@ -70,6 +72,18 @@ class ConsoleClient:
 
     def post(self, path: str, body: bytes = b"", **kwargs: Any) -> Answer:
         return self.request("POST", path, body=body, **kwargs)
+
+    def csrf_token(self) -> str:
+        """The CSRF token the console's pages put in their forms (for a cookie session)."""
+        found = re.search(r'name="csrf" value="([0-9a-f]+)"', self.get("/status", bearer=False).text)
+        assert found is not None
+        return found.group(1)
+
+    def submit(self, path: str, fields: dict[str, str] | None = None) -> Answer:
+        """A form posted as the console's own page does: cookie, same Origin, the CSRF token."""
+        body = urlencode({**(fields or {}), "csrf": self.csrf_token()}).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Origin": self.origin}
+        return self.post(path, body, bearer=False, headers=headers)
 
 
 @dataclass

@@ -27,12 +27,6 @@ def browser_session(running: RunningConsole) -> ConsoleClient:
     return ConsoleClient(client.port, client.token, cookie=cookie)
 
 
-def csrf_token(session: ConsoleClient) -> str:
-    found = re.search(r'name="csrf" value="([0-9a-f]+)"', session.get("/status", bearer=False).text)
-    assert found is not None
-    return found.group(1)
-
-
 def messages(running: RunningConsole, query: str = "") -> list[dict[str, object]]:
     answer = running.client.get(f"/api/messages{query}")
     assert answer.status == 200, answer.body
@@ -132,7 +126,7 @@ def test_a_cookie_post_needs_the_same_origin_and_the_csrf_token_and_a_refusal_ch
     queue_id = held_back(upstream, running)
     due_before = next_attempt(running, queue_id)
     session = browser_session(running)
-    token = csrf_token(session)
+    token = session.csrf_token()
     form = f"csrf={token}".encode()
     form_type = {"Content-Type": "application/x-www-form-urlencoded"}
     refused = [
@@ -262,12 +256,7 @@ def test_preview_shows_the_decision_and_every_copy_without_sending(start_console
     refused = running.client.post("/api/preview", b"no header here at all\x00").json()
     assert refused["decision"] == "refused"
     session = browser_session(running)
-    page = session.post(
-        "/preview",
-        f"csrf={csrf_token(session)}&text=".encode() + raw.replace(b"\r\n", b"%0D%0A").replace(b" ", b"+"),
-        bearer=False,
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": session.origin},
-    )
+    page = session.submit("/preview", {"text": raw.decode()})
     assert page.status == 200, page.text
     assert "Decision: split" in page.text and "Copy 2 of 2" in page.text
     assert upstream.messages == []
@@ -369,12 +358,7 @@ def test_pages_render_and_the_status_check_runs_the_check_steps(start_console, u
     assert f"127.0.0.1:{running.relay_port}" in status
     assert f"{upstream.host}:{upstream.port}" in status
     session = browser_session(running)
-    checked = session.post(
-        "/status/check",
-        f"csrf={csrf_token(session)}".encode(),
-        bearer=False,
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": session.origin},
-    )
+    checked = session.submit("/status/check")
     assert checked.status == 200
     assert "connect: OK" in checked.text
     assert upstream.messages == []
@@ -433,7 +417,7 @@ def test_the_preview_page_takes_an_uploaded_eml_file(start_console) -> None:
     eml = b"From: coach@club.test\r\nTo: ann@families.test, bob@families.test\r\nSubject: Upload\r\n\r\nHi\r\n"
     boundary = "----console-test"
     parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{csrf_token(session)}\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{session.csrf_token()}\r\n'.encode(),
         f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n\r\n'.encode(),
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="team.eml"\r\n'
         "Content-Type: message/rfc822\r\n\r\n".encode()

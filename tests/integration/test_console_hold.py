@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from tests.conftest import Upstream
 from tests.console_support import ConsoleClient, RunningConsole, send
-from tests.integration.test_console import TEAM, browser_session, csrf_token, metric
+from tests.integration.test_console import TEAM, browser_session, metric
 from tests.spool_support import wait_until
 
 HOLD = {"RELAY_POLICY_ACTION": "hold"}
@@ -136,7 +136,7 @@ def test_a_cookie_release_without_csrf_is_refused_and_the_message_stays_held(sta
         session.post(f"/held/{held_id}", b"as=split", bearer=False, headers={**form, "Origin": session.origin}),
         session.post(
             f"/held/{held_id}",
-            f"as=split&csrf={csrf_token(session)}".encode(),
+            f"as=split&csrf={session.csrf_token()}".encode(),
             bearer=False,
             headers={**form, "Origin": "http://attacker.test"},
         ),
@@ -152,7 +152,7 @@ def test_a_cookie_release_without_csrf_is_refused_and_the_message_stays_held(sta
     assert upstream.messages == []
     released = session.post(
         f"/held/{held_id}",
-        f"as=split&csrf={csrf_token(session)}".encode(),
+        f"as=split&csrf={session.csrf_token()}".encode(),
         bearer=False,
         headers={**form, "Origin": session.origin},
     )
@@ -230,21 +230,16 @@ def test_the_held_page_asks_a_second_time_before_sending_as_written(start_consol
     question = session.get(f"/held/{held_id}/confirm/written", bearer=False).text
     assert "will see all the others' addresses" in question and 'name="confirm" value="yes"' in question
 
-    def post(fields: str) -> str:
-        answer = session.post(
-            f"/held/{held_id}",
-            f"{fields}&csrf={csrf_token(session)}".encode(),
-            bearer=False,
-            headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": session.origin},
-        )
+    def post(fields: dict[str, str]) -> str:
+        answer = session.submit(f"/held/{held_id}", fields)
         assert answer.status == 303
         return unquote_plus(answer.headers["Location"])
 
-    assert "needs the second confirmation" in post("as=written")
+    assert "needs the second confirmation" in post({"as": "written"})
     assert held_ids(running) == [held_id]
-    assert "released" in post("as=written&confirm=yes")
+    assert "released" in post({"as": "written", "confirm": "yes"})
     assert wait_until(lambda: len(upstream.messages) == 1)
     assert sorted(upstream.messages[0].rcpt_tos) == sorted(TEAM)
-    assert "is not held any more: it was released" in post("as=discard")
+    assert "is not held any more: it was released" in post({"as": "discard"})
     gone = session.get(f"/held/{held_id}/confirm/discard", bearer=False)
     assert gone.status == 303 and "not held any more" in unquote_plus(gone.headers["Location"])
