@@ -1,21 +1,32 @@
 """What the console's activity page keeps of each message: sender, subject, recipients and the decision.
 
-Pure: built from the envelope and the received bytes, with the standard library's header parsing.
+Pure: built from the envelope and the received bytes, with the standard library's header parsing; the
+spool keeps it, the console shows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from email import policy
 from email.parser import BytesHeaderParser
-
-from relay.spool import MessageRecord
 
 # Refused messages have this decision; stored ones have their policy action's name.
 REFUSED = "refused"
 # A subject longer than this is cut: it is only shown in a list.
 SUBJECT_LIMIT = 300
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """What the console shows of a message: its envelope sender, subject, recipients and the policy's decision."""
+
+    sender: str
+    subject: str
+    recipients: tuple[str, ...]
+    decision: str  # a policy action (split, bcc, pass, ...) or "refused"
+    reason: str
 
 
 def local_time(timestamp: float) -> str:

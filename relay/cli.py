@@ -8,6 +8,7 @@ import getpass
 import sys
 import webbrowser
 from collections.abc import Sequence
+from email.utils import formatdate
 from pathlib import Path
 
 from relay import __version__
@@ -344,7 +345,8 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
     except OSError as exc:
         print(f"cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 1
-    result = preview_message(config.policy, data, config.listen.own_hostname()[0], mail_from, rcpts or ())
+    hostname, _ = config.listen.own_hostname()
+    result = preview_message(config.policy, data, hostname, formatdate(localtime=True), mail_from, rcpts or ())
     if result.mail_from is None:
         print(f"decision: refused\nreply:    {result.reply}")
         return 0

@@ -27,6 +27,7 @@ from typing import Protocol
 import aiosmtplib
 import structlog
 
+from relay.activity import MessageRecord
 from relay.bounce import FailedRecipient, build_dsn, write_failed
 from relay.config import Config, RouteConfig
 from relay.forwarder import SendOutcome, UpstreamPool, UpstreamReply
@@ -37,7 +38,6 @@ from relay.rewrite import OutgoingCopy
 from relay.routing import route_for
 from relay.spool import (
     CopyResult,
-    MessageRecord,
     NewCopy,
     NewMessage,
     Progress,

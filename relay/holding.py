@@ -18,7 +18,7 @@ from typing import Literal
 
 import structlog
 
-from relay.activity import message_record, subject_of
+from relay.activity import MessageRecord, message_record, subject_of
 from relay.bounce import FailedRecipient, build_dsn, write_failed
 from relay.config import Config
 from relay.errors import SmtpReply
@@ -32,7 +32,6 @@ from relay.spool import (
     RELEASED,
     RETURNED,
     HeldMessage,
-    MessageRecord,
     NewCopy,
     NewMessage,
     Spool,

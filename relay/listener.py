@@ -24,7 +24,7 @@ from typing import Any, AnyStr, Protocol, cast
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
-from relay.activity import REFUSED, message_record
+from relay.activity import REFUSED, MessageRecord, message_record
 from relay.addresses import validate_envelope_address
 from relay.auth import Authenticator, from_header_refusal, sender_refusal
 from relay.config import Config
@@ -38,7 +38,7 @@ from relay.pipeline import PrivacyCheckFailed, prepare
 from relay.policy import Action
 from relay.policy import Envelope as PolicyEnvelope
 from relay.rewrite import OutgoingCopy, TraceInfo
-from relay.spool import MessageRecord, Spool, new_queue_id
+from relay.spool import Spool, new_queue_id
 from relay.users import Account, AccountsFile
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

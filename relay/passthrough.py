@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import aiosmtplib
 import structlog
 
+from relay.activity import MessageRecord
 from relay.addresses import parse_address_list
 from relay.config import Config
 from relay.delivery import DeliveryReport, DirectDelivery, UpstreamDestination
@@ -22,7 +23,6 @@ from relay.forwarder import UpstreamPool
 from relay.message import ParsedMessage
 from relay.rewrite import OutgoingCopy
 from relay.routing import UpstreamChoice, upstream_for
-from relay.spool import MessageRecord
 
 _closing: set[asyncio.Task[None]] = set()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import formatdate
 
 from relay.activity import REFUSED
 from relay.addresses import parse_address_list
@@ -35,9 +34,17 @@ class Preview:
 
 
 def preview_message(
-    policy: PolicyConfig, data: bytes, hostname: str, mail_from: str | None = None, rcpts: Sequence[str] = ()
+    policy: PolicyConfig,
+    data: bytes,
+    hostname: str,
+    date: str,
+    mail_from: str | None = None,
+    rcpts: Sequence[str] = (),
 ) -> Preview:
-    """The decision and every copy; the envelope defaults to From and To/Cc/Bcc, as a mail program would send it."""
+    """The decision and every copy; the envelope defaults to From and To/Cc/Bcc, as a mail program would send it.
+
+    Pure: the caller gives the host name and the date (RFC 5322) the copies' trace headers show.
+    """
     try:
         message = parse_message(data)
     except SmtpReply as refusal:
@@ -53,7 +60,7 @@ def preview_message(
             for mailbox in parse_address_list(field.value)
         ]
     recipients = tuple(rcpts)
-    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
+    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", date)
     try:
         prepared = prepare(Envelope(mail_from, recipients), data, policy, trace, f"<preview@{hostname}>")
     except PrivacyCheckFailed as failure:

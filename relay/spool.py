@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from relay.activity import MessageRecord
 from relay.errors import SmtpReply
 
 DATABASE_NAME = "spool.db"
@@ -165,17 +166,6 @@ class Progress(enum.Enum):
     SENDING = "sending"  # copies left to send
     DELIVERED = "delivered"  # every copy delivered: the message is already forgotten
     SETTLED = "settled"  # nothing left to send, failures to bounce: retire() comes next
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRecord:
-    """What the console shows of a message: its envelope sender, subject, recipients and the policy's decision."""
-
-    sender: str
-    subject: str
-    recipients: tuple[str, ...]
-    decision: str  # a policy action (split, bcc, pass, ...) or "refused"
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,8 @@ async def api_discard(request: web.Request) -> web.Response:
 
 async def run_preview(state: ConsoleState, data: bytes, mail_from: str | None, rcpts: list[str]) -> Preview:
     # In a thread: a large message takes a while to parse, and the console's other requests go on.
-    return await asyncio.to_thread(preview_message, state.config.policy, data, state.hostname, mail_from, rcpts)
+    date = formatdate(localtime=True)
+    return await asyncio.to_thread(preview_message, state.config.policy, data, state.hostname, date, mail_from, rcpts)
 
 
 async def api_preview(request: web.Request) -> web.Response:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from relay.activity import MessageRecord
 from relay.spool import (
     DISCARDED,
     HELD,
     RELEASED,
     CopyResult,
     HeldMessage,
-    MessageRecord,
     NewCopy,
     NewMessage,
     SqliteSpool,
