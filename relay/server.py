@@ -27,7 +27,7 @@ from relay.delivery import (
     SpooledDelivery,
     UpstreamDestination,
 )
-from relay.forwarder import UpstreamPool
+from relay.forwarder import ProbeStep, UpstreamPool, probe_upstream
 from relay.holding import Holding
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.oauth import AccessTokens
@@ -63,6 +63,22 @@ def access_tokens(upstream: UpstreamConfig, name: str = "upstream") -> AccessTok
     if not upstream.uses_oauth2:
         return None
     return AccessTokens(upstream.oauth2, f"privacy-relay auth login {name}")
+
+
+async def check_upstreams(config: Config, hostname: str) -> list[tuple[str, list[ProbeStep]]]:
+    """The steps of `privacy-relay check` for each upstream (connect, EHLO, TLS, login), by key; no mail is sent."""
+    checks: list[tuple[str, list[ProbeStep]]] = []
+    if not config.uses_outbox:
+        password = config.upstream_password.get_secret_value() if config.upstream_password else None
+        checks.append(
+            ("upstream", await probe_upstream(config.upstream, password, hostname, access_tokens(config.upstream)))
+        )
+    for name, upstream in config.upstreams.items():
+        secret = config.named_upstream_passwords.get(name)
+        password = secret.get_secret_value() if secret else None
+        steps = await probe_upstream(upstream, password, hostname, access_tokens(upstream, name))
+        checks.append((f"upstreams.{name}", steps))
+    return checks
 
 
 def _refuse_encrypted_key() -> str:
@@ -275,7 +291,7 @@ async def serve(
         # relays without a console do not pay.
         from relay.console import ConsoleThread
 
-        console = ConsoleThread(lambda: server.accepting)
+        console = ConsoleThread(lambda: server.accepting, check_upstreams)
     server = RelayServer(config, recover_spool, channel, console.count_connection if console else None)
     warn_about_secret_files(config)
     if not server.hostname_qualified:
@@ -382,4 +398,4 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     def run_worker(worker_config: Config, channel: socket.socket) -> int:
         return _run_one(worker_config, reload_config, recover_spool=False, channel=channel)
 
-    return supervise(config, run_worker, reload_config)
+    return supervise(config, run_worker, reload_config, check_upstreams)

@@ -28,7 +28,7 @@ from relay.delivery import recover_spool
 from relay.spool import SqliteSpool
 
 if TYPE_CHECKING:
-    from relay.console import ConsoleThread
+    from relay.console import ConsoleThread, UpstreamCheck
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"
@@ -122,6 +122,7 @@ def supervise(
     config: Config,
     run_worker: Callable[[Config, socket.socket], int],
     reload_config: Callable[[], Config] | None = None,
+    check_upstreams: UpstreamCheck | None = None,
 ) -> int:
     """Listen, fork listen.workers workers (run_worker(config with the real port, channel)), hand out connections.
 
@@ -198,7 +199,7 @@ def supervise(
         # Imported after the fork: the workers never load the console's libraries.
         from relay.console import ConsoleThread
 
-        console = ConsoleThread(lambda: not stopping and len(workers) == config.listen.workers)
+        console = ConsoleThread(lambda: not stopping and len(workers) == config.listen.workers, check_upstreams)
         console.start(worker_config)
     count_connection = console.count_connection if console is not None else None
     handing_out = threading.Thread(

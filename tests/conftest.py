@@ -283,6 +283,7 @@ def start_relay(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Run
 def start_console(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """start_console(upstream, RELAY_...=...) -> a RunningConsole: a relay and its console on free ports."""
     from relay.console import ConsoleThread
+    from relay.server import check_upstreams
     from relay.workers import with_port
     from tests.console_support import ConsoleClient, RunningConsole
 
@@ -295,7 +296,7 @@ def start_console(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., A
             environ.setdefault("RELAY_UPSTREAM_TLS", "none")
         environ.setdefault("RELAY_CONSOLE_PORT", "0")
         config = relay_config(tmp_path, environ)
-        console = ConsoleThread(lambda: server.accepting)
+        console = ConsoleThread(lambda: server.accepting, check_upstreams)
 
         async def boot() -> RelayServer:
             relay = RelayServer(config, count_connection=console.count_connection)

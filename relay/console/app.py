@@ -23,6 +23,7 @@ from relay.config import Config
 from relay.console.access import Access, add_security_headers, guard, json_errors, refusal
 from relay.console.metrics import CONTENT_TYPE, ConsoleMetrics
 from relay.console.words import DECISIONS, STATE_WORDS, decision_words
+from relay.forwarder import ProbeStep
 from relay.holding import RELEASE_CHOICES, CannotRelease, Holding, NotHeld, Settled
 from relay.preview import Preview, preview_message
 from relay.spool import DEFERRED, HELD, QUEUED, SENDING, MessageHistory, MessageSummary, Spool, SpoolWriteError
@@ -44,8 +45,11 @@ class ConsoleState:
     accepting: Callable[[], bool]  # whether the relay takes mail right now
     hostname: str
     holding: Holding | None  # None in direct delivery
+    check_upstreams: UpstreamCheck | None  # what `privacy-relay check` does, given by the relay's wiring
 
 
+# The wiring (relay.server) gives the console what `privacy-relay check` runs; the console sits below it.
+UpstreamCheck = Callable[[Config, str], Awaitable[list[tuple[str, list[ProbeStep]]]]]
 STATE = web.AppKey("state", ConsoleState)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 
@@ -434,23 +438,10 @@ def _spool_bytes(config: Config) -> int:
 
 async def status_check(request: web.Request) -> web.Response:
     """The steps of `privacy-relay check` for each upstream: connect, EHLO, TLS, login; no mail is sent."""
-    from relay.forwarder import probe_upstream
-    from relay.server import access_tokens
-
-    config = _state(request).config
-    hostname = _state(request).hostname
-    checks: list[tuple[str, list[Any]]] = []
-    if not config.uses_outbox:
-        password = config.upstream_password.get_secret_value() if config.upstream_password else None
-        steps = await probe_upstream(config.upstream, password, hostname, access_tokens(config.upstream))
-        checks.append(("upstream", steps))
-    for name, upstream in config.upstreams.items():
-        secret = config.named_upstream_passwords.get(name)
-        password = secret.get_secret_value() if secret else None
-        checks.append(
-            (f"upstreams.{name}", await probe_upstream(upstream, password, hostname, access_tokens(upstream, name)))
-        )
-    return await status_page(request, checks)
+    state = _state(request)
+    if state.check_upstreams is None:
+        raise web.HTTPNotFound(reason="this console cannot check the upstreams")
+    return await status_page(request, await state.check_upstreams(state.config, state.hostname))
 
 
 @web.middleware

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from relay.config import Config, is_loopback_host
 from relay.console.access import Access
-from relay.console.app import ConsoleState, build_app
+from relay.console.app import ConsoleState, UpstreamCheck, build_app
 from relay.console.metrics import ConsoleMetrics
 from relay.console.token import load_or_create_token
 from relay.holding import Holding
@@ -29,8 +29,9 @@ _START_TIMEOUT = 30.0
 class ConsoleThread:
     """Serves the console until stop(); count_connection() and the config may be used from any thread."""
 
-    def __init__(self, accepting: Callable[[], bool]) -> None:
-        """accepting: whether the relay takes mail right now (for /healthz)."""
+    def __init__(self, accepting: Callable[[], bool], check_upstreams: UpstreamCheck | None = None) -> None:
+        """accepting: whether the relay takes mail (for /healthz); check_upstreams: the Status page's check."""
+        self._check_upstreams = check_upstreams
         self.metrics = ConsoleMetrics()
         self._accepting = accepting
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,7 +98,9 @@ class ConsoleThread:
         access = Access(token, host_names, console.metrics_public, str(config.console_token_file))
         hostname, _ = config.listen.own_hostname()
         holding = None if spool is None else Holding(spool, hostname, self._current_config)
-        self._state = ConsoleState(config, spool, access, self.metrics, self._accepting, hostname, holding)
+        self._state = ConsoleState(
+            config, spool, access, self.metrics, self._accepting, hostname, holding, self._check_upstreams
+        )
         self._runner = web.AppRunner(build_app(self._state), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, console.host, console.port, ssl_context=tls_context)
