@@ -45,7 +45,7 @@ _LONGEST_EXPIRY_CHECK = 60.0
 
 
 class NotHeld(Exception):
-    """The message is not held: unknown (found False), or settled already (found True, see state)."""
+    """The message is not held: unknown (state None), or settled already (state says how: released, ...)."""
 
     def __init__(self, message_id: str, state: str | None) -> None:
         self.message_id = message_id

@@ -5,7 +5,7 @@ thread, so a slow page never holds up mail, and reads everything it shows from t
 worker writes to.
 """
 
-from relay.console.app import UpstreamCheck
 from relay.console.service import ConsoleThread
+from relay.console.state import UpstreamCheck
 
 __all__ = ["ConsoleThread", "UpstreamCheck"]

@@ -15,8 +15,9 @@ from aiohttp import web
 
 from relay.config import Config, is_loopback_host
 from relay.console.access import Access
-from relay.console.app import ConsoleState, UpstreamCheck, build_app
+from relay.console.app import build_app
 from relay.console.metrics import ConsoleMetrics
+from relay.console.state import ConsoleState, UpstreamCheck
 from relay.console.token import load_or_create_token
 from relay.holding import Holding
 from relay.spool import SqliteSpool
