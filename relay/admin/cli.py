@@ -13,18 +13,16 @@ from email.utils import formatdate
 from pathlib import Path
 
 from relay import __version__
-from relay.addresses import parse_address_list
-from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
-from relay.errors import SmtpReply
-from relay.forwarder import probe_upstream
+from relay.config.models import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
+from relay.core.addresses import parse_address_list
+from relay.core.message import parse_message
+from relay.core.pipeline import PrivacyCheckFailed, prepare
+from relay.core.policy import Envelope
+from relay.core.replies import SmtpReply
+from relay.core.rewrite import TraceInfo
+from relay.core.routing import route_for
 from relay.logs import configure_logging
-from relay.message import parse_message
-from relay.oauth import AccessTokens, OAuth2Error, device_code_login, installed_app_login, save_token
-from relay.pipeline import PrivacyCheckFailed, prepare
-from relay.policy import Envelope
-from relay.rewrite import TraceInfo
-from relay.routing import route_for
-from relay.users import (
+from relay.smtp.accounts import (
     Account,
     UsersFileError,
     check_address,
@@ -35,6 +33,8 @@ from relay.users import (
     load_accounts_or_empty,
     save_accounts,
 )
+from relay.upstream.oauth import AccessTokens, OAuth2Error, device_code_login, installed_app_login, save_token
+from relay.upstream.pool import probe_upstream
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "user":
         return _user(config, args)
     if args.command == "queue":
-        from relay.queue_commands import run_queue_command
+        from relay.admin.queue import run_queue_command
 
         return run_queue_command(config, args.queue_command, getattr(args, "id", None))
     if args.command == "auth":

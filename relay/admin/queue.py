@@ -12,8 +12,8 @@ import sys
 import time
 from datetime import datetime
 
-from relay.config import Config
-from relay.spool import DATABASE_NAME, MessageSummary, SpoolWriteError, SqliteSpool
+from relay.config.models import Config
+from relay.spool.sqlite import DATABASE_NAME, MessageSummary, SpoolWriteError, SqliteSpool
 
 
 def _when(timestamp: float) -> str:

@@ -15,7 +15,7 @@ from email.errors import HeaderParseError
 from email.header import Header, decode_header, make_header
 from email.utils import quote
 
-from relay.errors import SmtpReply
+from relay.core.replies import SmtpReply
 
 # RFC 5321 4.1.2: Dot-string and Quoted-string local parts; RFC 6531 adds UTF-8 to both.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"

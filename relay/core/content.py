@@ -11,9 +11,9 @@ import quopri
 import re
 from dataclasses import dataclass
 
-from relay.addresses import mentioned_addresses
-from relay.errors import SmtpReply
-from relay.message import HeaderField, ParsedMessage, parse_message
+from relay.core.addresses import mentioned_addresses
+from relay.core.message import HeaderField, ParsedMessage, parse_message
+from relay.core.replies import SmtpReply
 
 # Mail programs nest two or three levels; deeper structures are not looked into.
 MAX_DEPTH = 10

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.errors import SmtpReply
+from relay.core.replies import SmtpReply
 
 MAX_HEADER_BYTES = 1_048_576
 # RFC 5322 field-name: printable US-ASCII except colon.

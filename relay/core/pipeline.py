@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.config import PolicyConfig
-from relay.errors import SmtpReply
-from relay.leakcheck import Leak, LeakChecker
-from relay.message import parse_message
-from relay.policy import Decision, Envelope, decide
-from relay.rewrite import OutgoingCopy, TraceInfo, build_copies
+from relay.config.models import PolicyConfig
+from relay.core.leakcheck import Leak, LeakChecker
+from relay.core.message import parse_message
+from relay.core.policy import Decision, Envelope, decide
+from relay.core.replies import SmtpReply
+from relay.core.rewrite import OutgoingCopy, TraceInfo, build_copies
 
 
 class PrivacyCheckFailed(SmtpReply):

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from relay.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
-from relay.config import PolicyConfig
-from relay.content import scan_content
-from relay.errors import SmtpReply
-from relay.message import ParsedMessage
+from relay.config.models import PolicyConfig
+from relay.core.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
+from relay.core.content import scan_content
+from relay.core.message import ParsedMessage
+from relay.core.replies import SmtpReply
 
 # Headers whose addresses every recipient reads as "who else got this".
 VISIBLE_FIELDS = ("to", "cc", "resent-to", "resent-cc")

@@ -11,9 +11,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
-from relay.message import HeaderField, ParsedMessage, serialize
-from relay.policy import REMOVED_FIELDS, CopyPlan, Decision
+from relay.core.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
+from relay.core.message import HeaderField, ParsedMessage, serialize
+from relay.core.policy import REMOVED_FIELDS, CopyPlan, Decision
 
 # Removed from every copy, as Postfix's cleanup does with Bcc: they name hidden recipients.
 ALWAYS_REMOVED = frozenset(REMOVED_FIELDS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay.config import Config, RouteConfig, UpstreamConfig
+from relay.config.models import Config, RouteConfig, UpstreamConfig
 
 
 def route_for(mail_from: str, routes: Sequence[RouteConfig]) -> str | None:

@@ -27,15 +27,13 @@ from typing import Protocol
 import aiosmtplib
 import structlog
 
-from relay.bounce import FailedRecipient, build_dsn, write_failed
-from relay.config import Config, RouteConfig
-from relay.forwarder import SendOutcome, UpstreamPool, UpstreamReply
-from relay.oauth import OAuth2Error
-from relay.outbox import Outbox
-from relay.pacing import Pacer, RateLimiter, is_throttling, retry_delay
-from relay.rewrite import OutgoingCopy
-from relay.routing import route_for
-from relay.spool import (
+from relay.config.models import Config, RouteConfig
+from relay.core.rewrite import OutgoingCopy
+from relay.core.routing import route_for
+from relay.delivery.bounces import FailedRecipient, build_dsn, write_failed
+from relay.delivery.outbox import Outbox
+from relay.delivery.pacing import Pacer, RateLimiter, is_throttling, retry_delay
+from relay.spool.sqlite import (
     CopyResult,
     NewCopy,
     NewMessage,
@@ -46,6 +44,8 @@ from relay.spool import (
     SpoolWriteError,
     new_queue_id,
 )
+from relay.upstream.oauth import OAuth2Error
+from relay.upstream.pool import SendOutcome, UpstreamPool, UpstreamReply
 
 # A claimed copy not settled by then (its result could not be stored) is sent again.
 CLAIM_LEASE = 3600.0

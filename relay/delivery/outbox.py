@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from relay.core.rewrite import OutgoingCopy
 from relay.files import write_atomically
-from relay.rewrite import OutgoingCopy
 
 
 class Outbox:

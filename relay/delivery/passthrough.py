@@ -14,14 +14,14 @@ from collections.abc import Sequence
 import aiosmtplib
 import structlog
 
-from relay.addresses import parse_address_list
-from relay.config import Config
-from relay.delivery import DeliveryReport, DirectDelivery, UpstreamDestination
-from relay.errors import SmtpReply
-from relay.forwarder import UpstreamPool
-from relay.message import ParsedMessage
-from relay.rewrite import OutgoingCopy
-from relay.routing import UpstreamChoice, upstream_for
+from relay.config.models import Config
+from relay.core.addresses import parse_address_list
+from relay.core.message import ParsedMessage
+from relay.core.replies import SmtpReply
+from relay.core.rewrite import OutgoingCopy
+from relay.core.routing import UpstreamChoice, upstream_for
+from relay.delivery.engine import DeliveryReport, DirectDelivery, UpstreamDestination
+from relay.upstream.pool import UpstreamPool
 
 _closing: set[asyncio.Task[None]] = set()
 

@@ -18,8 +18,8 @@ import yaml
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from relay.addresses import normalize_address, validate_envelope_address
-from relay.errors import SmtpReply
+from relay.core.addresses import normalize_address, validate_envelope_address
+from relay.core.replies import SmtpReply
 from relay.files import write_atomically
 
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id, 64 MiB, 3 passes).

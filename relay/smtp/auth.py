@@ -13,12 +13,12 @@ from functools import cache
 
 import structlog
 
-from relay.addresses import parse_address_list
-from relay.errors import SmtpReply
-from relay.message import ParsedMessage
-from relay.passthrough import PassthroughLogins, PassthroughSession, UpstreamLoginRefused
-from relay.routing import UpstreamChoice
-from relay.users import Account, Accounts, AccountsFile, hash_password, verify_password
+from relay.core.addresses import parse_address_list
+from relay.core.message import ParsedMessage
+from relay.core.replies import SmtpReply
+from relay.core.routing import UpstreamChoice
+from relay.delivery.passthrough import PassthroughLogins, PassthroughSession, UpstreamLoginRefused
+from relay.smtp.accounts import Account, Accounts, AccountsFile, hash_password, verify_password
 
 LOCKOUT_WINDOW = 600.0  # seconds: failures are counted over this window, and a lockout lasts as long
 # Each argon2id check takes 64 MiB and a core for a moment: never run more than this many at once.

@@ -1,6 +1,6 @@
 """The aiosmtpd side: SMTP in, a checked list of copies out to a Delivery, and the reply back.
 
-No policy logic lives here: the hooks translate SMTP into calls on relay.pipeline, relay.auth and the
+No policy logic lives here: the hooks translate SMTP into calls on relay.core.pipeline, relay.smtp.auth and the
 delivery, and their results (or SmtpReply errors) back into replies. RelaySMTP adds what aiosmtpd
 lacks at the connection level: who may connect, how many at once, and how long a client may dawdle.
 """
@@ -22,20 +22,20 @@ from typing import Any, AnyStr, Protocol, cast
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
-from relay.addresses import validate_envelope_address
-from relay.auth import Authenticator, from_header_refusal, sender_refusal
-from relay.config import Config
-from relay.data_reader import read_data
-from relay.delivery import DeliveryReport
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.passthrough import PassthroughSession, own_login_refusal
-from relay.pipeline import PrivacyCheckFailed, prepare
-from relay.policy import Action
-from relay.policy import Envelope as PolicyEnvelope
-from relay.rewrite import OutgoingCopy, TraceInfo
-from relay.spool import new_queue_id
-from relay.users import Account, AccountsFile
+from relay.config.models import Config
+from relay.core.addresses import validate_envelope_address
+from relay.core.message import parse_message
+from relay.core.pipeline import PrivacyCheckFailed, prepare
+from relay.core.policy import Action
+from relay.core.policy import Envelope as PolicyEnvelope
+from relay.core.replies import SmtpReply
+from relay.core.rewrite import OutgoingCopy, TraceInfo
+from relay.delivery.engine import DeliveryReport
+from relay.delivery.passthrough import PassthroughSession, own_login_refusal
+from relay.smtp.accounts import Account, AccountsFile
+from relay.smtp.auth import Authenticator, from_header_refusal, sender_refusal
+from relay.smtp.data_reader import read_data
+from relay.spool.sqlite import new_queue_id
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Small messages are prepared on the event loop: handing them to a thread costs more than the work

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from relay.errors import SmtpReply
+from relay.core.replies import SmtpReply
 
 DATABASE_NAME = "spool.db"
 # How long a write waits for another process (a worker, the queue command) to release the database.

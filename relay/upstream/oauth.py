@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relay.config import OAuth2Config
+from relay.config.models import OAuth2Config
 from relay.files import write_atomically
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from relay.config import UpstreamConfig
-from relay.oauth import AccessTokens, OAuth2Error
-from relay.rewrite import OutgoingCopy
-from relay.transaction import UpstreamConnection, WireBodies, wire_form
+from relay.config.models import UpstreamConfig
+from relay.core.rewrite import OutgoingCopy
+from relay.upstream.oauth import AccessTokens, OAuth2Error
+from relay.upstream.transaction import UpstreamConnection, WireBodies, wire_form
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 
@@ -103,7 +103,7 @@ async def log_in(
 class UpstreamPool:
     """At most max_connections open connections to one upstream, reused across messages and copies.
 
-    aiosmtplib opens and logs in each connection; relay.transaction then sends every copy on it, its
+    aiosmtplib opens and logs in each connection; relay.upstream.transaction then sends every copy on it, its
     commands pipelined and its body in a wire form shared by all copies of the message.
     """
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.addresses import normalize_address, parse_address_list
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
+from relay.core.addresses import normalize_address, parse_address_list
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import SmtpReply
 from tests.unit.mailkit import run
 
 REPOSITORY = Path(__file__).resolve().parents[2]

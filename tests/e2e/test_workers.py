@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay.server import RelayServer
-from relay.spool import NewCopy, NewMessage, SqliteSpool
+from relay.spool.sqlite import NewCopy, NewMessage, SqliteSpool
 from tests.conftest import RelayCertificate, relay_config
 from tests.spool_support import RelayProcess, wait_until
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from relay.cli import main
-from relay.config import ConfigError, LoggingConfig, load_config
+from relay.admin.cli import main
+from relay.admin.queue import run_queue_command
+from relay.config.models import ConfigError, LoggingConfig, load_config
 from relay.logs import configure_logging
-from relay.queue_commands import run_queue_command
 from tests.conftest import USER_PASSWORD, UpstreamFactory
 from tests.spool_support import free_port, wait_until
 

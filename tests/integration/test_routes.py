@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
-from relay.config import ConfigError, load_config
+from relay.admin.cli import main
+from relay.config.models import ConfigError, load_config
 from tests.conftest import Upstream, UpstreamFactory
 
 CREDENTIALS = ("kay@gmail.test", "app password")

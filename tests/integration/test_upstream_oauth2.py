@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from relay.cli import main
-from relay.config import ConfigError, OAuth2Config, load_config
-from relay.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
+from relay.admin.cli import main
+from relay.config.models import ConfigError, OAuth2Config, load_config
 from relay.server import warn_about_secret_files
+from relay.upstream.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
 from tests.conftest import Upstream, UpstreamFactory, relay_config
 from tests.oauth_server import CLIENT_ID, TokenEndpoint
 

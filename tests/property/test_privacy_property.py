@@ -15,7 +15,7 @@ from email.utils import getaddresses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.policy import Action
+from relay.core.policy import Action
 from tests.unit.mailkit import SENDER, parsed, run
 
 # Distinct three-letter names: no address is a substring of another, so a plain search is exact.

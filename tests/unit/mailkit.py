@@ -9,10 +9,10 @@ from email.policy import default
 from email.utils import getaddresses
 from typing import Any
 
-from relay.config import PolicyConfig
-from relay.pipeline import Prepared, prepare
-from relay.policy import Envelope
-from relay.rewrite import OutgoingCopy, TraceInfo
+from relay.config.models import PolicyConfig
+from relay.core.pipeline import Prepared, prepare
+from relay.core.policy import Envelope
+from relay.core.rewrite import OutgoingCopy, TraceInfo
 
 TRACE = TraceInfo("client.test", "[127.0.0.1]", "relay.test", "ESMTP", "QUEUEID", "Wed, 25 Nov 2026 05:00:00 +0000")
 SENDER = "coach@coaching.test"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from relay.addresses import mentioned_addresses, parse_address_list
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
+from relay.core.addresses import mentioned_addresses, parse_address_list
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import SmtpReply
 from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config
+from relay.config.models import ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)

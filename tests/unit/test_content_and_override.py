@@ -7,11 +7,11 @@ import base64
 import pytest
 from pydantic import ValidationError
 
-from relay.config import PolicyConfig
-from relay.content import scan_content
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
+from relay.config.models import PolicyConfig
+from relay.core.content import scan_content
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import SmtpReply
 from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.errors import SmtpReply
-from relay.pipeline import PrivacyCheckFailed
-from relay.policy import Action
+from relay.core.pipeline import PrivacyCheckFailed
+from relay.core.policy import Action
+from relay.core.replies import SmtpReply
 from tests.unit.mailkit import BODY, SENDER, addresses_in, copy_for, message, parsed, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"

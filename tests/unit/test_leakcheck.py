@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.leakcheck import LeakChecker
+from relay.core.leakcheck import LeakChecker
 
 PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo b@four.test", "jo@bücher.test"})
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import (
+from relay.spool.sqlite import (
     BLOB_SLICE,
     QUEUED,
     SENDING,

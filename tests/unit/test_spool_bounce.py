@@ -5,7 +5,7 @@ from __future__ import annotations
 from email import message_from_bytes
 from email.policy import default
 
-from relay.bounce import FailedRecipient, build_dsn
+from relay.delivery.bounces import FailedRecipient, build_dsn
 
 
 def test_a_dsn_names_each_failed_recipient_with_the_upstream_reply() -> None:

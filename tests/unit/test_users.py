@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.users import (
+from relay.smtp.accounts import (
     Account,
     Accounts,
     AccountsFile,

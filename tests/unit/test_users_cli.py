@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.users import load_accounts, verify_password
+from relay.smtp.accounts import load_accounts, verify_password
 
 PASSWORD = "a long and secret password"
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from relay.auth import Authenticator, FailedLoginLockout, from_header_refusal, sender_refusal
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.users import Account, Accounts, AccountsFile, save_accounts
+from relay.core.message import parse_message
+from relay.core.replies import SmtpReply
+from relay.smtp.accounts import Account, Accounts, AccountsFile, save_accounts
+from relay.smtp.auth import Authenticator, FailedLoginLockout, from_header_refusal, sender_refusal
 from tests.conftest import USER_PASSWORD
 
 
