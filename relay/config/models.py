@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from relay.core.policy import PolicySettings
+
 ENV_PREFIX = "RELAY_"
 PASSWORD_ENV = "RELAY_UPSTREAM_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
 DEFAULT_CONFIG_PATH = Path("config/relay.yaml")
@@ -236,6 +238,18 @@ class PolicyConfig(_Section):
         if self.override_tag is not None and not self.override_tag.strip():
             raise ValueError("override_tag: must be null or a visible tag such as [visible]")
         return self
+
+    def settings(self) -> PolicySettings:
+        """The same values for the core, which takes plain data."""
+        return PolicySettings(
+            action=self.action,
+            min_recipients=self.min_recipients,
+            internal_domains=self.internal_domains,
+            always_visible=self.always_visible,
+            calendar=self.calendar,
+            tnef=self.tnef,
+            override_tag=self.override_tag,
+        )
 
 
 class LoggingConfig(_Section):

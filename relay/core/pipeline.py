@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.config.models import PolicyConfig
 from relay.core.leakcheck import Leak, LeakChecker
 from relay.core.message import parse_message
-from relay.core.policy import Decision, Envelope, decide
+from relay.core.policy import Decision, Envelope, PolicySettings, decide
 from relay.core.replies import SmtpReply
 from relay.core.rewrite import OutgoingCopy, TraceInfo, build_copies
 
@@ -39,7 +38,7 @@ class Prepared:
 def prepare(
     envelope: Envelope,
     data: bytes,
-    policy: PolicyConfig,
+    policy: PolicySettings,
     trace: TraceInfo,
     message_id: str,
 ) -> Prepared:

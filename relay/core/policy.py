@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from relay.config.models import PolicyConfig
 from relay.core.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
 from relay.core.content import scan_content
 from relay.core.message import ParsedMessage
@@ -34,6 +33,19 @@ class Action(StrEnum):
 
 
 CopyKind = Literal["original", "single", "undisclosed"]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """The `policy` section as plain values; the config layer builds it (PolicyConfig.settings()), with its defaults."""
+
+    action: Literal["split", "bcc", "reject", "pass"]
+    min_recipients: int
+    internal_domains: tuple[str, ...]
+    always_visible: tuple[str, ...]
+    calendar: Literal["reject", "pass"]
+    tnef: Literal["reject", "pass"]
+    override_tag: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +156,7 @@ TNEF_REFUSAL = (
 )
 
 
-def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> Decision:
+def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -> Decision:
     internal_domains = frozenset(normalize_domain(d) for d in config.internal_domains)
     always_visible_keys = frozenset(normalize_address(a) for a in config.always_visible)
     sender_keys = {normalize_address(envelope.mail_from)} if envelope.mail_from else set()

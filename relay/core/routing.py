@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-from relay.config.models import Config, RouteConfig, UpstreamConfig
+from typing import Protocol
 
 
-def route_for(mail_from: str, routes: Sequence[RouteConfig]) -> str | None:
+class SenderRoute(Protocol):
+    """A route as the config's `routes` lists it: an address or *@domain, and the upstream's name."""
+
+    @property
+    def sender(self) -> str: ...
+
+    @property
+    def upstream(self) -> str: ...
+
+
+def route_for(mail_from: str, routes: Sequence[SenderRoute]) -> str | None:
     """The name of the first route's upstream that matches the sender; None: the default `upstream`.
 
     A route's sender is an address or *@domain, compared without regard to case, as Postfix's lookups are.
@@ -23,22 +31,3 @@ def route_for(mail_from: str, routes: Sequence[RouteConfig]) -> str | None:
         if address and address == pattern:
             return route.upstream
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamChoice:
-    """An upstream picked by route: its name in `upstreams` (None: the default `upstream`) and its settings."""
-
-    name: str | None
-    config: UpstreamConfig
-
-    @property
-    def key(self) -> str:
-        """Where it is set in the config, as error texts name it."""
-        return "upstream" if self.name is None else f"upstreams.{self.name}"
-
-
-def upstream_for(address: str, config: Config) -> UpstreamChoice:
-    """The upstream that mail from this address leaves through."""
-    name = route_for(address, config.routes)
-    return UpstreamChoice(name, config.upstream if name is None else config.upstreams[name])

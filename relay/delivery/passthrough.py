@@ -15,11 +15,11 @@ import aiosmtplib
 import structlog
 
 from relay.config.models import Config
+from relay.config.routes import UpstreamChoice, upstream_for
 from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
 from relay.core.replies import SmtpReply
 from relay.core.rewrite import OutgoingCopy
-from relay.core.routing import UpstreamChoice, upstream_for
 from relay.delivery.engine import DeliveryReport, DirectDelivery, UpstreamDestination
 from relay.upstream.pool import UpstreamPool
 

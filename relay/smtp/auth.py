@@ -13,10 +13,10 @@ from functools import cache
 
 import structlog
 
+from relay.config.routes import UpstreamChoice
 from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
 from relay.core.replies import SmtpReply
-from relay.core.routing import UpstreamChoice
 from relay.delivery.passthrough import PassthroughLogins, PassthroughSession, UpstreamLoginRefused
 from relay.smtp.accounts import Account, Accounts, AccountsFile, hash_password, verify_password
 

@@ -327,7 +327,7 @@ class RelayHandler:
         arguments = (
             policy_envelope,
             data,
-            self.config.policy,
+            self.config.policy.settings(),
             trace,
             f"<{queue_id}.{secrets.token_hex(8)}@{self.hostname}>",
         )

@@ -26,7 +26,7 @@ def message(*header_lines: str | bytes, body: bytes = BODY, eol: bytes = b"\r\n"
 
 def run(data: bytes, rcpts: Sequence[str], mail_from: str = SENDER, smtputf8: bool = False, **policy: Any) -> Prepared:
     envelope = Envelope(mail_from, tuple(rcpts), smtputf8)
-    return prepare(envelope, data, PolicyConfig(**policy), TRACE, "<generated@relay.test>")
+    return prepare(envelope, data, PolicyConfig(**policy).settings(), TRACE, "<generated@relay.test>")
 
 
 def parsed(copy: OutgoingCopy) -> EmailMessage:
