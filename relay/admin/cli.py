@@ -18,7 +18,7 @@ from relay.core.addresses import parse_address_list
 from relay.core.message import parse_message
 from relay.core.pipeline import PrivacyCheckFailed, prepare
 from relay.core.policy import Envelope
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from relay.core.rewrite import TraceInfo
 from relay.core.routing import route_for
 from relay.logs import configure_logging
@@ -315,7 +315,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
         return 1
     try:
         message = parse_message(data)
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         print(f"decision: refused\nreply:    {refusal.render()}")
         return 0
     if mail_from is None:
@@ -339,7 +339,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
         print(f"decision: refused by the privacy check (header {failure.leak.field})")
         print(f"reply:    {failure.render()}")
         return 0
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         print(f"decision: refused\nreply:    {refusal.render()}")
         return 0
     decision = prepared.decision

@@ -15,7 +15,7 @@ from email.errors import HeaderParseError
 from email.header import Header, decode_header, make_header
 from email.utils import quote
 
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 
 # RFC 5321 4.1.2: Dot-string and Quoted-string local parts; RFC 6531 adds UTF-8 to both.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -39,12 +39,12 @@ _URL_PREFIX = re.compile(r"[=?/']")
 
 
 def validate_envelope_address(address: str, *, smtputf8: bool) -> str:
-    """Return the address if it is exactly one well-formed RFC 5321 mailbox, else raise SmtpReply."""
+    """Return the address if it is exactly one well-formed RFC 5321 mailbox, else raise RelayError."""
     pattern = _UTF8_MAILBOX if smtputf8 else _ASCII_MAILBOX
     if len(address.encode("utf-8")) > MAX_ADDRESS_LENGTH or not pattern.fullmatch(address):
         if not smtputf8 and _UTF8_MAILBOX.fullmatch(address):
-            raise SmtpReply(553, "5.6.7", f"{address!r} has non-ASCII characters: use SMTPUTF8")
-        raise SmtpReply(553, "5.1.3", f"{address!r} is not a single valid email address")
+            raise RelayError(553, "5.6.7", f"{address!r} has non-ASCII characters: use SMTPUTF8")
+        raise RelayError(553, "5.1.3", f"{address!r} is not a single valid email address")
     return address
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from relay.core.addresses import mentioned_addresses
 from relay.core.message import HeaderField, ParsedMessage, parse_message
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 
 # Mail programs nest two or three levels; deeper structures are not looked into.
 MAX_DEPTH = 10
@@ -131,7 +131,7 @@ def _part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField,
     content_start = header_end.end() if header_end else end
     try:
         return parse_message(body[start:content_start]).fields, content_start
-    except SmtpReply:
+    except RelayError:
         return (), content_start  # unreadable part headers: treated as a plain text part
 
 

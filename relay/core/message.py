@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 
 MAX_HEADER_BYTES = 1_048_576
 # RFC 5322 field-name: printable US-ASCII except colon.
@@ -58,12 +58,12 @@ class ParsedMessage:
         return found[0].value if found else None
 
 
-def _malformed(text: str) -> SmtpReply:
-    return SmtpReply(550, "5.6.0", text)
+def _malformed(text: str) -> RelayError:
+    return RelayError(550, "5.6.0", text)
 
 
 def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> ParsedMessage:
-    """Split data into header fields and body. Refuses, as an SmtpReply, what cannot be parsed safely."""
+    """Split data into header fields and body. Refuses, as an RelayError, what cannot be parsed safely."""
     first_newline = data.find(b"\n")
     line_ending = b"\r\n" if first_newline > 0 and data[first_newline - 1] == 0x0D else b"\n"
     fields: list[HeaderField] = []
@@ -83,7 +83,7 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
         line_end = len(data) if newline < 0 else newline + 1
         line = data[position:line_end]
         if line_end > max_header_bytes:
-            raise SmtpReply(
+            raise RelayError(
                 552,
                 "5.3.4",
                 f"the header section is larger than {max_header_bytes} bytes; "

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from relay.core.leakcheck import Leak, LeakChecker
 from relay.core.message import parse_message
 from relay.core.policy import Decision, Envelope, PolicySettings, decide
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy, TraceInfo, build_copies
 
 
-class PrivacyCheckFailed(SmtpReply):
+class PrivacyCheckFailed(RelayError):
     """A rewritten copy still named another protected recipient: nothing is sent."""
 
     def __init__(self, leak: Leak, decision: Decision) -> None:
@@ -42,7 +42,7 @@ def prepare(
     trace: TraceInfo,
     message_id: str,
 ) -> Prepared:
-    """Every copy to send for this message, each verified; raises SmtpReply if it must be refused."""
+    """Every copy to send for this message, each verified; raises RelayError if it must be refused."""
     message = parse_message(data)
     decision = decide(envelope, message, policy)
     if decision.rejection is not None:

@@ -13,7 +13,7 @@ from typing import Literal
 from relay.core.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
 from relay.core.content import scan_content
 from relay.core.message import ParsedMessage
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 
 # Headers whose addresses every recipient reads as "who else got this".
 VISIBLE_FIELDS = ("to", "cc", "resent-to", "resent-cc")
@@ -84,7 +84,7 @@ class Decision:
     exposed_fields: tuple[str, ...] = ()
     # always_visible mailboxes found in the original, by the field they were in ("to" or "cc").
     always_visible: tuple[tuple[str, Mailbox], ...] = ()
-    rejection: SmtpReply | None = field(default=None)
+    rejection: RelayError | None = field(default=None)
     # Set when the Subject carried policy.override_tag: the copies' Subject loses it.
     override_tag: str | None = None
 
@@ -184,7 +184,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
         action: Action,
         reason: str,
         copies: tuple[CopyPlan, ...],
-        rejection: SmtpReply | None = None,
+        rejection: RelayError | None = None,
         override_tag: str | None = None,
     ) -> Decision:
         return Decision(action, reason, copies, protected, exposed_fields, always_visible, rejection, override_tag)
@@ -228,12 +228,12 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
     if action is Action.PASS:
         return decision(Action.PASS, reason, everyone)
     if calendar_exposes:
-        refusal = SmtpReply(550, "5.7.1", CALENDAR_REFUSAL.format(count=len(attendees)))
+        refusal = RelayError(550, "5.7.1", CALENDAR_REFUSAL.format(count=len(attendees)))
         return decision(Action.REJECT, reason, (), rejection=refusal)
     if tnef_exposes:
-        return decision(Action.REJECT, reason, (), rejection=SmtpReply(550, "5.7.1", TNEF_REFUSAL))
+        return decision(Action.REJECT, reason, (), rejection=RelayError(550, "5.7.1", TNEF_REFUSAL))
     if action is Action.REJECT:
-        rejection = SmtpReply(
+        rejection = RelayError(
             550,
             "5.7.1",
             f"Not sent: this message would show {exposed_count} recipients' addresses to each "

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import random
-import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Protocol
 
-import aiosmtplib
 import structlog
 
 from relay.config.models import Config, RouteConfig
+from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
 from relay.core.routing import route_for
 from relay.delivery.bounces import FailedRecipient, build_dsn, write_failed
@@ -44,8 +43,8 @@ from relay.spool.sqlite import (
     SpoolWriteError,
     new_queue_id,
 )
-from relay.upstream.oauth import OAuth2Error
-from relay.upstream.pool import SendOutcome, UpstreamPool, UpstreamReply
+from relay.upstream.errors import UpstreamFailure, upstream_failure
+from relay.upstream.pool import SendOutcome, UpstreamPool
 
 # A claimed copy not settled by then (its result could not be stored) is sent again.
 CLAIM_LEASE = 3600.0
@@ -108,7 +107,7 @@ class UpstreamDestination:
                 if start == 0:
                     raise
                 # Earlier transactions went through: only this one's recipients are left to retry.
-                outcome.refused.update(dict.fromkeys(chunk, reply_for_exception(exc, self.label)))
+                outcome.refused.update(dict.fromkeys(chunk, upstream_failure(exc, self.label).reply))
                 continue
             outcome.accepted.extend(part.accepted)
             outcome.refused.update(part.refused)
@@ -116,28 +115,6 @@ class UpstreamDestination:
 
     async def close(self) -> None:
         await self._pool.close()
-
-
-def reply_for_exception(exc: BaseException, where: str) -> UpstreamReply:
-    """What a failure to talk to the destination means for the client, as an SMTP reply."""
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return UpstreamReply(
-            exc.code,
-            "5.7.8" if exc.code >= 500 else "4.7.0",
-            f"{where} refused the relay's login ({' '.join(exc.message.split())}); "
-            "check upstream.username and the password",
-        )
-    if isinstance(exc, OAuth2Error):
-        # Temporary: mail waits (the client retries) while someone signs in again.
-        return UpstreamReply(454, "4.7.0", f"OAuth2 login to {where} failed: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 400:
-        return UpstreamReply.parse(exc.code, f"{where}: {exc.message}")
-    if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
-        return UpstreamReply(451, "4.7.5", f"TLS with {where} failed: {exc}; try again later")
-    if isinstance(exc, aiosmtplib.SMTPException | OSError | asyncio.TimeoutError):
-        detail = str(exc) or type(exc).__name__
-        return UpstreamReply(451, "4.4.1", f"cannot reach {where} ({detail}); try again later")
-    raise exc
 
 
 def _copies(count: int) -> str:
@@ -149,7 +126,7 @@ class DeliveryReport:
     destination: str
     copies: int
     delivered_recipients: int = 0
-    failures: dict[str, UpstreamReply] = field(default_factory=dict)
+    failures: dict[str, Reply] = field(default_factory=dict)
     # Spooled modes: copies left in the spool for later, and failed recipients the sender hears of by a DSN.
     queued: int = 0
     bounced: int = 0
@@ -216,7 +193,7 @@ class DirectDelivery:
         report = DeliveryReport(destination.label, len(copies))
         pending = list(enumerate(copies))
         pending.reverse()
-        unreachable: UpstreamReply | None = None
+        unreachable: Reply | None = None
 
         async def worker() -> None:
             nonlocal unreachable
@@ -228,7 +205,7 @@ class DirectDelivery:
                 try:
                     outcome = await destination.send_copy(queue_id, index, mail_from, copy, smtputf8)
                 except Exception as exc:
-                    reply = reply_for_exception(exc, destination.label)
+                    reply = upstream_failure(exc, destination.label).reply
                     # The destination is down or refuses us: don't try it once per copy.
                     unreachable = reply
                     report.failures.update(dict.fromkeys(copy.recipients, reply))
@@ -280,7 +257,7 @@ def _claimed_copy(message: NewMessage, position: int, copy_id: int) -> SpooledCo
     )
 
 
-def _reply_text(reply: UpstreamReply) -> str:
+def _reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.enhanced} {reply.text}"
 
 
@@ -293,7 +270,7 @@ class _Watch:
     expected: int = 0
     attempted: set[int] = field(default_factory=set)
     delivered: int = 0
-    failed: dict[str, UpstreamReply] = field(default_factory=dict)
+    failed: dict[str, Reply] = field(default_factory=dict)
     deferred: int = 0
     settled: bool = False
     # Every copy delivered: the spool has already forgotten the message, nothing is left to retire.
@@ -619,14 +596,15 @@ class SpooledDelivery:
                 )
         except Exception as exc:
             try:
-                reply = reply_for_exception(exc, destination.label)
+                failure = upstream_failure(exc, destination.label)
             except Exception:
                 self.log.exception("delivery.internal_error", id=copy.message_id)
-                reply = UpstreamReply(451, "4.3.0", f"internal error in the relay: {exc!r}")
-            if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and copy.message_id not in self._watches:
+                failure = UpstreamFailure(Reply(451, "4.3.0", f"internal error in the relay: {exc!r}"))
+            reply = failure.reply
+            if failure.login_refused and copy.message_id not in self._watches:
                 # A wrong password is the relay's problem, not the mail's: keep it until the login is fixed
                 # (Postfix's smtp_sasl_auth_soft_bounce). A client still waiting in hybrid mode gets the 5xx.
-                reply = UpstreamReply(454, "4.7.0", f"{reply.text} (the relay keeps the mail and tries again)")
+                reply = Reply(454, "4.7.0", f"{reply.text} (the relay keeps the mail and tries again)")
             outcome = SendOutcome(refused=dict.fromkeys(copy.recipients, reply))
         result, watch_failed = self._result(copy, outcome, self._clock())
         progress = await self._record(result, copy.message_id)
@@ -676,17 +654,15 @@ class SpooledDelivery:
                 self.log.error("spool.write_failed", id=message_id, error=exc.text)
                 await asyncio.sleep(POLL_INTERVAL)
 
-    def _result(
-        self, copy: SpooledCopy, outcome: SendOutcome, now: float
-    ) -> tuple[CopyResult, dict[str, UpstreamReply]]:
+    def _result(self, copy: SpooledCopy, outcome: SendOutcome, now: float) -> tuple[CopyResult, dict[str, Reply]]:
         delivery = self._config.delivery
-        failed: dict[str, UpstreamReply] = {}
+        failed: dict[str, Reply] = {}
         retry: list[str] = []
-        last: UpstreamReply | None = None
+        last: Reply | None = None
         for recipient in copy.recipients:
             if recipient in outcome.accepted:
                 continue
-            reply = outcome.refused.get(recipient) or UpstreamReply(451, "4.4.0", "no reply for this recipient")
+            reply = outcome.refused.get(recipient) or Reply(451, "4.4.0", "no reply for this recipient")
             last = reply
             if reply.is_permanent:
                 failed[recipient] = reply

@@ -11,23 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import aiosmtplib
 import structlog
 
 from relay.config.models import Config
 from relay.config.routes import UpstreamChoice, upstream_for
 from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy
 from relay.delivery.engine import DeliveryReport, DirectDelivery, UpstreamDestination
+from relay.upstream.errors import UpstreamLoginUnavailable
 from relay.upstream.pool import UpstreamPool
 
 _closing: set[asyncio.Task[None]] = set()
-
-
-class UpstreamLoginRefused(Exception):
-    """The upstream answered the client's AUTH with a 5xx: for the client, a wrong password."""
 
 
 class PassthroughSession:
@@ -49,18 +45,18 @@ class PassthroughSession:
         assert self._delivery is not None, "a passthrough session delivers nothing after it ended"
         return await self._delivery.deliver(queue_id, mail_from, copies, smtputf8)
 
-    def sender_refusal(self, config: Config, address: str, where: str) -> SmtpReply | None:
+    def sender_refusal(self, config: Config, address: str, where: str) -> RelayError | None:
         """Mail from this login leaves only through the upstream it logged in at (reject_sender_login_mismatch)."""
         if upstream_for(address, config).name == self.upstream.name:
             return None
-        return SmtpReply(
+        return RelayError(
             553,
             "5.7.1",
             f"<{address}>: sender address rejected ({where}): mail from it does not leave through "
             f"{self.upstream.key}, where {self.user} logged in",
         )
 
-    def from_header_refusal(self, config: Config, message: ParsedMessage) -> SmtpReply | None:
+    def from_header_refusal(self, config: Config, message: ParsedMessage) -> RelayError | None:
         for field in message.get_all("from"):
             for mailbox in parse_address_list(field.value):
                 refusal = self.sender_refusal(config, mailbox.address, "From header")
@@ -78,14 +74,14 @@ class PassthroughSession:
         task.add_done_callback(_closing.discard)
 
 
-def own_login_refusal(config: Config, address: str, authenticated: bool) -> SmtpReply | None:
+def own_login_refusal(config: Config, address: str, authenticated: bool) -> RelayError | None:
     """For a session not logged in at a passthrough upstream: mail that would leave through one needs that login."""
     upstream = upstream_for(address, config)
     if not upstream.config.is_passthrough:
         return None
     if not authenticated:
-        return SmtpReply(530, "5.7.0", "Authentication required")
-    return SmtpReply(
+        return RelayError(530, "5.7.0", "Authentication required")
+    return RelayError(
         553,
         "5.7.1",
         f"<{address}>: sender address rejected (MAIL FROM): mail from it leaves through {upstream.key}, "
@@ -110,20 +106,16 @@ class PassthroughLogins:
         return upstream if upstream.config.is_passthrough else None
 
     async def open_session(self, upstream: UpstreamChoice, name: str, password: bytes) -> PassthroughSession:
-        """A session logged in at the upstream as the client; raises UpstreamLoginRefused, or SmtpReply 454."""
+        """A session logged in at the upstream as the client.
+
+        Raises UpstreamLoginRefused (a wrong password, for the client) or UpstreamLoginUnavailable (454).
+        """
         # The client's login stands where a stored username and password would: for this session only.
         own = upstream.config.model_copy(update={"username": name, "max_connections": 1})
         pool = UpstreamPool(own, password, self._local_hostname)
         try:
             await pool.connect_ahead()
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            if exc.code >= 500:
-                raise UpstreamLoginRefused from None
-            detail = f"{pool.label} answered AUTH with {exc.code} {exc.message}"
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            detail = f"{pool.label}: {str(exc) or type(exc).__name__}"
-        else:
-            return PassthroughSession(upstream, name, pool)
-        detail = " ".join(detail.split())
-        self._log.warning("auth.upstream_unavailable", upstream=upstream.key, error=detail)
-        raise SmtpReply(454, "4.7.0", f"Temporary authentication failure, try again later: {detail}")
+        except UpstreamLoginUnavailable as exc:
+            self._log.warning("auth.upstream_unavailable", upstream=upstream.key, error=exc.detail)
+            raise
+        return PassthroughSession(upstream, name, pool)

@@ -19,7 +19,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from relay.core.addresses import normalize_address, validate_envelope_address
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from relay.files import write_atomically
 
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id, 64 MiB, 3 passes).
@@ -87,7 +87,7 @@ def check_name(name: str) -> str:
 def check_address(address: str) -> str:
     try:
         return validate_envelope_address(address, smtputf8=True)
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         raise UsersFileError(f"--address {address!r}: {refusal.text}") from None
 
 

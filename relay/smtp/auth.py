@@ -16,16 +16,17 @@ import structlog
 from relay.config.routes import UpstreamChoice
 from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
-from relay.core.replies import SmtpReply
-from relay.delivery.passthrough import PassthroughLogins, PassthroughSession, UpstreamLoginRefused
+from relay.core.replies import RelayError
+from relay.delivery.passthrough import PassthroughLogins, PassthroughSession
 from relay.smtp.accounts import Account, Accounts, AccountsFile, hash_password, verify_password
+from relay.upstream.errors import UpstreamLoginRefused
 
 LOCKOUT_WINDOW = 600.0  # seconds: failures are counted over this window, and a lockout lasts as long
 # Each argon2id check takes 64 MiB and a core for a moment: never run more than this many at once.
 CONCURRENT_PASSWORD_CHECKS = 2
 
-INVALID_CREDENTIALS = SmtpReply(535, "5.7.8", "Authentication credentials invalid")
-LOCKED_OUT = SmtpReply(
+INVALID_CREDENTIALS = RelayError(535, "5.7.8", "Authentication credentials invalid")
+LOCKED_OUT = RelayError(
     454, "4.7.0", "Too many failed logins from your address; AUTH is refused for a while, try again later"
 )
 
@@ -117,11 +118,11 @@ class Authenticator:
     def current_accounts(self) -> Accounts:
         return self.accounts.current() if self.accounts is not None else Accounts()
 
-    def refusal_for(self, client: str) -> SmtpReply | None:
+    def refusal_for(self, client: str) -> RelayError | None:
         return LOCKED_OUT if self.lockout.is_locked(client) else None
 
     async def login(self, client: str, name: bytes, password: bytes) -> Account | PassthroughSession:
-        """The account or passthrough session for these credentials; raises SmtpReply (535 wrong, 454
+        """The account or passthrough session for these credentials; raises RelayError (535 wrong, 454
         locked out or the passthrough upstream unavailable) otherwise."""
         lock, waiting = self._client_turns.get(client, (asyncio.Lock(), 0))
         self._client_turns[client] = (lock, waiting + 1)
@@ -180,7 +181,7 @@ class Authenticator:
             )
 
 
-def sender_refusal(accounts: Accounts, login: Account | None, address: str, where: str) -> SmtpReply | None:
+def sender_refusal(accounts: Accounts, login: Account | None, address: str, where: str) -> RelayError | None:
     """Like Postfix's reject_sender_login_mismatch, for the envelope sender or a From address.
 
     A logged-in user may use only their own addresses (any address when they have none listed); a client
@@ -191,7 +192,7 @@ def sender_refusal(accounts: Accounts, login: Account | None, address: str, wher
     if login is None:
         if not accounts.owners_of(address):
             return None
-        return SmtpReply(
+        return RelayError(
             553,
             "5.7.1",
             f"<{address}>: sender address rejected ({where}): not logged in, and this address belongs to "
@@ -199,16 +200,16 @@ def sender_refusal(accounts: Accounts, login: Account | None, address: str, wher
         )
     if login.may_send_as_anyone or login.owns(address):
         return None
-    return SmtpReply(553, "5.7.1", f"<{address}>: sender address rejected ({where}): not owned by user {login.name}")
+    return RelayError(553, "5.7.1", f"<{address}>: sender address rejected ({where}): not owned by user {login.name}")
 
 
-def from_header_refusal(accounts: Accounts, login: Account | None, message: ParsedMessage) -> SmtpReply | None:
+def from_header_refusal(accounts: Accounts, login: Account | None, message: ParsedMessage) -> RelayError | None:
     """sender_refusal() for every address in the From header(s)."""
     for field in message.get_all("from"):
         mailboxes = parse_address_list(field.value)
         if not mailboxes and (login is None or not login.may_send_as_anyone):
             # What this relay cannot read, a mail program might still show as someone's address.
-            return SmtpReply(553, "5.7.1", "the From header has no address this relay can read; fix the From line")
+            return RelayError(553, "5.7.1", "the From header has no address this relay can read; fix the From line")
         for mailbox in mailboxes:
             refusal = sender_refusal(accounts, login, mailbox.address, "From header")
             if refusal is not None:

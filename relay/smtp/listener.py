@@ -1,7 +1,7 @@
 """The aiosmtpd side: SMTP in, a checked list of copies out to a Delivery, and the reply back.
 
 No policy logic lives here: the hooks translate SMTP into calls on relay.core.pipeline, relay.smtp.auth and the
-delivery, and their results (or SmtpReply errors) back into replies. RelaySMTP adds what aiosmtpd
+delivery, and their results (or RelayError errors) back into replies. RelaySMTP adds what aiosmtpd
 lacks at the connection level: who may connect, how many at once, and how long a client may dawdle.
 """
 
@@ -28,7 +28,7 @@ from relay.core.message import parse_message
 from relay.core.pipeline import PrivacyCheckFailed, prepare
 from relay.core.policy import Action
 from relay.core.policy import Envelope as PolicyEnvelope
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy, TraceInfo
 from relay.delivery.engine import DeliveryReport
 from relay.delivery.passthrough import PassthroughSession, own_login_refusal
@@ -101,12 +101,12 @@ class ConnectionSlots:
     def total(self) -> int:
         return self.per_client.total()
 
-    def acquire(self, client: str) -> SmtpReply | None:
+    def acquire(self, client: str) -> RelayError | None:
         """Take a slot for the client, or the 421 reply that refuses it (others are still served)."""
         if self.total >= self.max_total:
-            return SmtpReply(421, "4.7.0", "Too many connections to this relay; try again later")
+            return RelayError(421, "4.7.0", "Too many connections to this relay; try again later")
         if self.per_client[client] >= self.max_per_client:
-            return SmtpReply(421, "4.7.0", f"Too many connections from {client}; try again later")
+            return RelayError(421, "4.7.0", f"Too many connections from {client}; try again later")
         self.per_client[client] += 1
         return None
 
@@ -219,7 +219,7 @@ class RelayHandler:
         assert self.authenticator is not None and server.session is not None
         try:
             account = await self.authenticator.login(client_of(server.session), name, password)
-        except SmtpReply as refusal:
+        except RelayError as refusal:
             return AuthResult(success=False, handled=False, message=refusal.render())
         return AuthResult(success=True, auth_data=account)
 
@@ -231,7 +231,7 @@ class RelayHandler:
         if address != "<>":
             try:
                 validate_envelope_address(address, smtputf8=envelope.smtp_utf8)
-            except SmtpReply as reply:
+            except RelayError as reply:
                 return reply.render()
         refusal = self._sender_refusal(session, "" if address == "<>" else address)
         if refusal is not None:
@@ -245,7 +245,7 @@ class RelayHandler:
         """The accounts for client AUTH; None when AUTH is off or offered only for passthrough."""
         return self.authenticator.accounts if self.authenticator is not None else None
 
-    def _sender_refusal(self, session: Session, address: str) -> SmtpReply | None:
+    def _sender_refusal(self, session: Session, address: str) -> RelayError | None:
         passthrough = _passthrough_of(session)
         if passthrough is not None:
             return passthrough.sender_refusal(self.config, address, "MAIL FROM")
@@ -257,7 +257,7 @@ class RelayHandler:
 
     def _from_header_refusal(
         self, passthrough: PassthroughSession | None, login: Account | None, data: bytes
-    ) -> SmtpReply | None:
+    ) -> RelayError | None:
         """The From check that goes with the session's login: its passthrough upstream's, or the accounts file's."""
         accounts = self._accounts_file
         if passthrough is None and accounts is None:
@@ -268,7 +268,7 @@ class RelayHandler:
                 return passthrough.from_header_refusal(self.config, message)
             assert accounts is not None
             return from_header_refusal(accounts.current(), login, message)
-        except SmtpReply as malformed:
+        except RelayError as malformed:
             return malformed
 
     async def handle_RCPT(
@@ -282,7 +282,7 @@ class RelayHandler:
             )
         try:
             validate_envelope_address(address, smtputf8=envelope.smtp_utf8)
-        except SmtpReply as reply:
+        except RelayError as reply:
             return reply.render()
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -344,7 +344,7 @@ class RelayHandler:
                 leaked=failure.leak.address,
             )
             return failure.render()
-        except SmtpReply as refusal:
+        except RelayError as refusal:
             log.info("message.refused", code=refusal.code, reason=refusal.text)
             return refusal.render()
 
@@ -363,7 +363,7 @@ class RelayHandler:
         delivery = passthrough or self.delivery
         try:
             report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
-        except SmtpReply as refusal:
+        except RelayError as refusal:
             # The spool could not commit the message: the client keeps it and tries again later.
             log.error("message.not_stored", code=refusal.code, reason=refusal.text)
             return refusal.render()
@@ -424,10 +424,10 @@ class RelaySMTP(SMTP):
         peer = transport.get_extra_info("peername")
         client = str(peer_ip(peer) or "unknown")
         log = structlog.get_logger("relay")
-        refusal: SmtpReply | None = None
+        refusal: RelayError | None = None
         if not peer_allowed(peer, self._networks):
             log.warning("connection.refused", client=client)
-            refusal = SmtpReply(
+            refusal = RelayError(
                 554, "5.7.1", "This relay does not accept mail from your address (not in listen.allowed_networks)"
             )
         else:

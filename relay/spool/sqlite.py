@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 
 DATABASE_NAME = "spool.db"
 # How long a write waits for another process (a worker, the queue command) to release the database.
@@ -83,7 +83,7 @@ def new_queue_id() -> str:
     return secrets.token_hex(6).upper()
 
 
-class SpoolWriteError(SmtpReply):
+class SpoolWriteError(RelayError):
     """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
 
 

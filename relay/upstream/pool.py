@@ -1,43 +1,22 @@
 """Sending copies to the upstream with aiosmtplib: TLS, AUTH and a small pool of reused connections.
 
-How to send, not when: retries and scheduling belong to delivery.py.
+How to send, not when: retries and scheduling belong to relay/delivery/.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
 from relay.config.models import UpstreamConfig
+from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
+from relay.upstream.errors import login_failure
 from relay.upstream.oauth import AccessTokens, OAuth2Error
 from relay.upstream.transaction import UpstreamConnection, WireBodies, wire_form
-
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamReply:
-    code: int
-    enhanced: str
-    text: str
-
-    @classmethod
-    def parse(cls, code: int, message: str) -> UpstreamReply:
-        text = " ".join(message.split())
-        match = _ENHANCED.match(text)
-        if match:
-            return cls(code, match.group(1), text[match.end() :])
-        enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
-        return cls(code, enhanced, text)
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
 
 
 @dataclass(slots=True)
@@ -45,7 +24,7 @@ class SendOutcome:
     """What the upstream said about each recipient of one copy."""
 
     accepted: list[str] = field(default_factory=list)
-    refused: dict[str, UpstreamReply] = field(default_factory=dict)
+    refused: dict[str, Reply] = field(default_factory=dict)
 
 
 def build_tls_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -155,8 +134,12 @@ class UpstreamPool:
             raise
 
     async def connect_ahead(self) -> None:
-        """Open and log in a connection now, kept for the next send; raises what open_connection raises."""
-        self._keep_or_close(await self.open_connection())
+        """Open and log in a connection now, kept for the next send; a failure is raised as login_failure() names it."""
+        try:
+            connection = await self.open_connection()
+        except Exception as exc:
+            raise login_failure(exc, self.label) from None
+        self._keep_or_close(connection)
 
     async def send(self, mail_from: str, copy: OutgoingCopy, smtputf8: bool) -> SendOutcome:
         wire_body = self._bodies.acquire(copy.body)
@@ -178,7 +161,7 @@ class UpstreamPool:
         if smtputf8 and not connection.supports("smtputf8"):
             self._keep_or_close(connection)
             # RFC 6531: without SMTPUTF8 at the server, return or reject; downgrading would alter the message.
-            reply = UpstreamReply(
+            reply = Reply(
                 550,
                 "5.6.7",
                 f"this message has non-ASCII addresses or headers (SMTPUTF8) and {self.label} does not "
@@ -204,7 +187,7 @@ class UpstreamPool:
         self._keep_or_close(connection)
         return SendOutcome(
             accepted=result.accepted,
-            refused={r: UpstreamReply.parse(reply.code, reply.message) for r, reply in result.refused.items()},
+            refused=result.refused,
         )
 
     def _ready_idle_connection(self) -> UpstreamConnection | None:

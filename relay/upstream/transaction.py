@@ -15,9 +15,11 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, cast
+from typing import cast
 
 import aiosmtplib
+
+from relay.core.replies import Reply
 
 _LONE_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
@@ -27,13 +29,8 @@ WRITE_SLICE = 256 * 1024
 MAX_REPLY_BYTES = 65_536
 
 
-class RawReply(NamedTuple):
-    code: int
-    message: str  # the reply's lines without their codes, joined by "\n", as aiosmtplib gives them
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 400
+def _positive(reply: Reply) -> bool:
+    return 200 <= reply.code < 400
 
 
 def wire_form(data: bytes) -> bytes:
@@ -100,7 +97,7 @@ class WireBodies:
 @dataclass
 class TransactionResult:
     accepted: list[str] = field(default_factory=list)
-    refused: dict[str, RawReply] = field(default_factory=dict)
+    refused: dict[str, Reply] = field(default_factory=dict)
 
 
 def _encode_address(address: str, smtputf8: bool) -> bytes:
@@ -120,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.extensions = extensions
         self._timeout = timeout
         self._buffer = bytearray()
-        self._replies: deque[RawReply] = deque()
+        self._replies: deque[Reply] = deque()
         self._reply_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -163,7 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.close()
         self._wake()
 
-    def _parse_reply(self) -> RawReply | None:
+    def _parse_reply(self) -> Reply | None:
         lines: list[bytes] = []
         offset = 0
         while True:
@@ -181,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             code = -1
         del self._buffer[:offset]
         text = b"\n".join(line[4:].strip(b" \t\r\n") for line in lines)
-        return RawReply(code, text.decode("utf-8", "surrogateescape"))
+        return Reply.parse(code, text.decode("utf-8", "surrogateescape"))
 
     def eof_received(self) -> bool:
         self._fail(aiosmtplib.SMTPServerDisconnected("the upstream closed the connection"))
@@ -212,7 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # reading and writing
 
-    async def _reply(self) -> RawReply:
+    async def _reply(self) -> Reply:
         while not self._replies:
             if self._lost is not None:
                 raise self._lost
@@ -249,11 +246,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._lost is not None:
             raise self._lost
 
-    async def _command(self, command: bytes) -> RawReply:
+    async def _command(self, command: bytes) -> Reply:
         self._write(command)
         return await self._reply()
 
-    async def _envelope(self, mail: bytes, rcpts: Sequence[bytes]) -> list[RawReply]:
+    async def _envelope(self, mail: bytes, rcpts: Sequence[bytes]) -> list[Reply]:
         """Replies to MAIL, each RCPT and DATA: all written at once if the upstream offers PIPELINING.
 
         Without it, commands go one at a time: no RCPT after a refused MAIL, no DATA without a recipient.
@@ -263,10 +260,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._write(b"".join(commands))
             return [await self._reply() for _ in commands]
         replies = [await self._command(mail)]
-        if not replies[0].ok:
+        if not _positive(replies[0]):
             return replies
         replies.extend([await self._command(rcpt) for rcpt in rcpts])
-        if any(reply.ok for reply in replies[1:]):
+        if any(_positive(reply) for reply in replies[1:]):
             replies.append(await self._command(b"DATA\r\n"))
         return replies
 
@@ -285,7 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
     async def reset(self) -> None:
         """RSET after a failed transaction; a connection that cannot reset is not used again."""
         try:
-            if not (await self._command(b"RSET\r\n")).ok:
+            if not _positive(await self._command(b"RSET\r\n")):
                 self.usable = False
         except (aiosmtplib.SMTPException, OSError):
             self.usable = False
@@ -315,11 +312,11 @@ class UpstreamConnection(asyncio.Protocol):
 
         result = TransactionResult()
         mail_reply = replies[0]
-        if not mail_reply.ok:
+        if not _positive(mail_reply):
             result.refused = dict.fromkeys(recipients, mail_reply)
         else:
             for recipient, reply in zip(recipients, replies[1:], strict=False):
-                if reply.ok:
+                if _positive(reply):
                     result.accepted.append(recipient)
                 else:
                     result.refused[recipient] = reply
@@ -339,7 +336,7 @@ class UpstreamConnection(asyncio.Protocol):
             return result
         await self._send_content(wire_headers, wire_body)
         final = await self._reply()
-        if not final.ok:
+        if not _positive(final):
             result.refused.update(dict.fromkeys(result.accepted, final))
             result.accepted = []
         return result

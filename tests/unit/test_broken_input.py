@@ -1,4 +1,4 @@
-"""Broken and hostile input: always a clear SmtpReply or a safe result, never a crash or a hang."""
+"""Broken and hostile input: always a clear RelayError or a safe result, never a crash or a hang."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import pytest
 from relay.core.addresses import mentioned_addresses, parse_address_list
 from relay.core.message import parse_message
 from relay.core.policy import Action
-from relay.core.replies import SmtpReply
+from relay.core.replies import RelayError
 from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 
 
-def refusal(data: bytes, rcpts: list[str] | None = None) -> SmtpReply:
-    with pytest.raises(SmtpReply) as refused:
+def refusal(data: bytes, rcpts: list[str] | None = None) -> RelayError:
+    with pytest.raises(RelayError) as refused:
         run(data, rcpts or [ANN, BOB])
     return refused.value
 
