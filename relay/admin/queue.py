@@ -13,7 +13,8 @@ import time
 from datetime import datetime
 
 from relay.config.models import Config
-from relay.spool.sqlite import DATABASE_NAME, MessageSummary, SpoolWriteError, SqliteSpool
+from relay.spool.interface import AdminSpool, CopyState, MessageSummary, SpoolWriteError
+from relay.spool.sqlite import DATABASE_NAME, SqliteSpool
 
 
 def _when(timestamp: float) -> str:
@@ -49,13 +50,13 @@ def _print_summary(s: MessageSummary) -> None:
     print(f"size:      {s.size} bytes (body, stored once)")
     print(f"upstream:  {s.upstream or 'the default upstream'}")
     for c in s.copies:
-        state = "being sent" if c.state == "sending" else f"next attempt {_when(c.next_attempt)}"
+        state = "being sent" if c.state is CopyState.SENDING else f"next attempt {_when(c.next_attempt)}"
         print(f"\ncopy {c.position + 1} ({c.kind}) to {', '.join(c.recipients)}")
         print(f"  {state}; attempts so far: {c.attempts}")
-        if c.last_reply:
-            print(f"  last reply: {c.last_reply}")
+        if c.last_reply is not None:
+            print(f"  last reply: {c.last_reply.render()}")
     for f in s.failures:
-        print(f"\nfailed for good: {f.recipient}: {f.reply}")
+        print(f"\nfailed for good: {f.recipient}: {f.reply.render()}")
 
 
 async def _run(config: Config, action: str, message_id: str | None) -> int:
@@ -65,31 +66,35 @@ async def _run(config: Config, action: str, message_id: str | None) -> int:
     spool = SqliteSpool(config.spool.path)
     await spool.open()
     try:
-        if action == "list":
-            _print_list(await spool.summaries())
-            return 0
-        if action == "retry":
-            count = await spool.retry_now(time.time(), message_id)
-            if message_id is not None and count == 0 and await spool.summary(message_id) is None:
-                print(f"No message {message_id} in the spool.", file=sys.stderr)
-                return 1
-            print(f"{count} cop{'y' if count == 1 else 'ies'} will be sent again within seconds.")
-            return 0
-        assert message_id is not None
-        if action == "show":
-            summary = await spool.summary(message_id)
-            if summary is None:
-                print(f"No message {message_id} in the spool.", file=sys.stderr)
-                return 1
-            _print_summary(summary)
-            return 0
-        if not await spool.delete(message_id):
-            print(f"No message {message_id} in the spool.", file=sys.stderr)
-            return 1
-        print(f"Deleted {message_id}; no delivery report is sent.")
-        return 0
+        return await _act(spool, action, message_id)
     finally:
         await spool.close()
+
+
+async def _act(spool: AdminSpool, action: str, message_id: str | None) -> int:
+    if action == "list":
+        _print_list(await spool.summaries())
+        return 0
+    if action == "retry":
+        count = await spool.retry_now(time.time(), message_id)
+        if message_id is not None and count == 0 and await spool.summary(message_id) is None:
+            print(f"No message {message_id} in the spool.", file=sys.stderr)
+            return 1
+        print(f"{count} cop{'y' if count == 1 else 'ies'} will be sent again within seconds.")
+        return 0
+    assert message_id is not None
+    if action == "show":
+        summary = await spool.summary(message_id)
+        if summary is None:
+            print(f"No message {message_id} in the spool.", file=sys.stderr)
+            return 1
+        _print_summary(summary)
+        return 0
+    if not await spool.delete(message_id):
+        print(f"No message {message_id} in the spool.", file=sys.stderr)
+        return 1
+    print(f"Deleted {message_id}; no delivery report is sent.")
+    return 0
 
 
 def run_queue_command(config: Config, action: str, message_id: str | None) -> int:

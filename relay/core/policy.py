@@ -32,7 +32,11 @@ class Action(StrEnum):
     UNCHANGED = "unchanged"  # nothing to protect
 
 
-CopyKind = Literal["original", "single", "undisclosed"]
+class CopyKind(StrEnum):
+    ORIGINAL = "original"  # as written, to the sender, internal recipients or where exposure is allowed
+    SINGLE = "single"  # one protected recipient, shown alone in To
+    UNDISCLOSED = "undisclosed"  # protected recipients in Bcc, none shown
+    BOUNCE = "bounce"  # a delivery report the relay made (relay/delivery), not a plan of the policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,7 @@ class CopyPlan:
 
     @property
     def is_rewritten(self) -> bool:
-        return self.kind != "original"
+        return self.kind is not CopyKind.ORIGINAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +182,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
     shown_anywhere = {key for _, key in exposing}
     exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, _ in exposing))
     always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))
-    everyone = (CopyPlan(tuple(recipients), "original", leak_checked=False),)
+    everyone = (CopyPlan(tuple(recipients), CopyKind.ORIGINAL, leak_checked=False),)
 
     def decision(
         action: Action,
@@ -212,7 +216,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
         receiving = frozenset(k for k in recipient_keys if k in protected)
         checked = CopyPlan(
             tuple(recipients),
-            "original",
+            CopyKind.ORIGINAL,
             may_show=receiving if len(receiving) == 1 else frozenset(),
         )
         return decision(Action.UNCHANGED, "no recipient can see another protected recipient", (checked,))
@@ -247,12 +251,12 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
     copies: list[CopyPlan] = []
     if unprotected:
         # The sender, internal colleagues and always-visible addresses see the message as written.
-        copies.append(CopyPlan(unprotected, "original", leak_checked=False))
+        copies.append(CopyPlan(unprotected, CopyKind.ORIGINAL, leak_checked=False))
     if action is Action.BCC:
         if protected_recipients:
             # A copy to one person may name that person (its Received line does).
             alone = frozenset(key for _, key in protected_recipients) if len(protected_recipients) == 1 else frozenset()
-            copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), "undisclosed", may_show=alone))
+            copies.append(CopyPlan(tuple(r for r, _ in protected_recipients), CopyKind.UNDISCLOSED, may_show=alone))
     else:
         shown_by_key: dict[str, Mailbox] = {}
         for _, mailbox in visible:
@@ -260,5 +264,5 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
                 shown_by_key[mailbox.key] = mailbox
         for recipient, key in protected_recipients:
             shown = shown_by_key.get(key, Mailbox("", recipient))
-            copies.append(CopyPlan((recipient,), "single", shown, frozenset({key})))
+            copies.append(CopyPlan((recipient,), CopyKind.SINGLE, shown, frozenset({key})))
     return decision(action, reason, tuple(copies))

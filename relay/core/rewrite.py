@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from relay.core.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
 from relay.core.message import HeaderField, ParsedMessage, serialize
-from relay.core.policy import REMOVED_FIELDS, CopyPlan, Decision
+from relay.core.policy import REMOVED_FIELDS, CopyKind, CopyPlan, Decision
 
 # Removed from every copy, as Postfix's cleanup does with Bcc: they name hidden recipients.
 ALWAYS_REMOVED = frozenset(REMOVED_FIELDS)
@@ -68,7 +68,7 @@ class TraceInfo:
 @dataclass(frozen=True, slots=True)
 class OutgoingCopy:
     recipients: tuple[str, ...]
-    kind: str
+    kind: CopyKind
     headers: bytes
     body: bytes  # the same object for every copy of a message
 
@@ -219,7 +219,7 @@ def _rewritten_headers(
 
 def _visible_items(decision: Decision, plan: CopyPlan, extra: tuple[Mailbox, ...]) -> list[str]:
     items = [format_mailbox(m) for m in extra]
-    if plan.kind == "single" and plan.shown is not None:
+    if plan.kind is CopyKind.SINGLE and plan.shown is not None:
         return [format_mailbox(_safe_shown(plan.shown, decision.protected, plan.may_show)), *items]
     return items or [UNDISCLOSED]
 

@@ -26,19 +26,21 @@ from typing import Protocol
 import structlog
 
 from relay.config.models import Config, RouteConfig
+from relay.core.dsn import FailedRecipient, build_dsn
+from relay.core.policy import CopyKind
 from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
 from relay.core.routing import route_for
-from relay.delivery.bounces import FailedRecipient, build_dsn, write_failed
+from relay.delivery.bounces import write_failed
 from relay.delivery.outbox import Outbox
 from relay.delivery.pacing import Pacer, RateLimiter, is_throttling, retry_delay
-from relay.spool.sqlite import (
+from relay.spool.interface import (
     CopyResult,
     NewCopy,
     NewMessage,
     Progress,
+    SchedulerSpool,
     SettledMessage,
-    Spool,
     SpooledCopy,
     SpoolWriteError,
     new_queue_id,
@@ -248,17 +250,12 @@ def _claimed_copy(message: NewMessage, position: int, copy_id: int) -> SpooledCo
         kind=copy.kind,
         recipients=copy.recipients,
         headers=copy.headers,
-        body=message.body,
         mail_from=message.mail_from,
         smtputf8=message.smtputf8,
         upstream=message.upstream,
         received_at=message.received_at,
         attempts=0,
     )
-
-
-def _reply_text(reply: Reply) -> str:
-    return f"{reply.code} {reply.enhanced} {reply.text}"
 
 
 @dataclass(slots=True)
@@ -278,7 +275,7 @@ class _Watch:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def recover_spool(spool: Spool) -> int:
+async def recover_spool(spool: SchedulerSpool) -> int:
     """Requeue the copies a stopped or killed relay was sending; they may have arrived: at least once."""
     in_flight = await spool.recover()
     if in_flight:
@@ -291,7 +288,7 @@ class SpooledDelivery:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: SchedulerSpool,
         destination: Destination,
         config: Config,
         hostname: str,
@@ -402,7 +399,7 @@ class SpooledDelivery:
                 if starting > 1:
                     self._gates[queue_id] = asyncio.Semaphore(self._config.upstream.max_connections)
                 for position in range(starting):
-                    self._launch(_claimed_copy(message, position, copy_ids[position]), now)
+                    self._launch(_claimed_copy(message, position, copy_ids[position]), body, now)
 
         try:
             try:
@@ -445,12 +442,12 @@ class SpooledDelivery:
         """Upstream connections not taken by a copy being sent (negative while hybrid first attempts queue)."""
         return self._config.upstream.max_connections - len(self._in_flight)
 
-    def _launch(self, copy: SpooledCopy, now: float) -> None:
+    def _launch(self, copy: SpooledCopy, body: bytes, now: float) -> None:
         """Start one attempt of a claimed copy."""
         self._limiter.record(now, len(copy.recipients))
         self._pacer.started(now)
-        self._hold_body(copy.message_id, copy.body)
-        task = asyncio.get_running_loop().create_task(self._attempt(copy))
+        self._hold_body(copy.message_id, body)
+        task = asyncio.get_running_loop().create_task(self._attempt(copy, body))
         self._in_flight[copy.id] = task
         self._in_flight_messages[copy.id] = (copy.message_id, copy.position)
         task.add_done_callback(functools.partial(self._finished, copy.id, copy.message_id))
@@ -532,16 +529,21 @@ class SpooledDelivery:
         limit = min(free, allowance) if allowance is not None else free
         if self._pacer.interval > 0:
             limit = 1
-        known = {message_id: body for message_id, (body, _) in self._bodies.items()}
-        batch = await self._spool.claim_due(now, limit, CLAIM_LEASE, known)
+        batch = await self._spool.claim_due(now, limit, CLAIM_LEASE)
         self._more_due = len(batch) >= limit
         if not batch:
             due = await self._spool.next_due()
             await self._sleep(POLL_INTERVAL if due is None else min(POLL_INTERVAL, due - now))
             return
+        # A body already in memory (copies of its message are being sent) is not read again.
+        read = await self._spool.bodies({copy.message_id for copy in batch} - self._bodies.keys())
         for copy in batch:
             if copy.id in self._in_flight:
                 continue
+            held = self._bodies.get(copy.message_id)
+            body = held[0] if held is not None else read.get(copy.message_id)
+            if body is None:
+                continue  # deleted (`queue delete`) since the claim, its copies with it
             now = self._clock()
             wait = max(self._limiter.wait(now, len(copy.recipients)), self._pacer.wait(now))
             if wait > 0:
@@ -550,7 +552,7 @@ class SpooledDelivery:
                 self._stop_waiting_for_held_copies(copy.message_id)
                 continue
             self._capped_logged = False
-            self._launch(copy, now)
+            self._launch(copy, body, now)
 
     def _stop_waiting_for_held_copies(self, message_id: str) -> None:
         """A client waiting in hybrid mode hears about the copies in flight, not those a rate limit holds back."""
@@ -585,9 +587,9 @@ class SpooledDelivery:
             hint="queued copies wait in the spool; they will take hours to drain",
         )
 
-    async def _attempt(self, copy: SpooledCopy) -> None:
+    async def _attempt(self, copy: SpooledCopy, body: bytes) -> None:
         destination = self.destination_for(copy.upstream)
-        outgoing = OutgoingCopy(copy.recipients, copy.kind, copy.headers, copy.body)
+        outgoing = OutgoingCopy(copy.recipients, copy.kind, copy.headers, body)
         started = self._clock()
         try:
             async with self._gates.get(copy.message_id) or contextlib.nullcontext():
@@ -616,7 +618,7 @@ class SpooledDelivery:
             failed=len(result.failed),
             retry=len(result.retry),
             # Codes only: reply texts often quote the recipient's address, which the log must mask.
-            reply=" ".join((result.last_reply or "").split()[:2]) or None,
+            reply=None if result.last_reply is None else f"{result.last_reply.code} {result.last_reply.enhanced}",
             ms=round((self._clock() - started) * 1000, 1),
         )
         watch = self._watches.get(copy.message_id)
@@ -677,10 +679,12 @@ class SpooledDelivery:
         elif outcome.accepted:
             self._pacer.succeeded()
         deadline = copy.received_at + delivery.max_age
-        failures = [(recipient, _reply_text(reply)) for recipient, reply in failed.items()]
+        failures = list(failed.items())
         if retry and now >= deadline:
             assert last is not None
-            gave_up = f"{_reply_text(last)} (gave up after {delivery.max_age / 86400:g} days of retries)"
+            gave_up = Reply(
+                last.code, last.enhanced, f"{last.text} (gave up after {delivery.max_age / 86400:g} days of retries)"
+            )
             failures += [(recipient, gave_up) for recipient in retry]
             retry = []
         next_attempt = 0.0
@@ -693,7 +697,7 @@ class SpooledDelivery:
             failed=tuple(failures),
             retry=tuple(retry),
             next_attempt=next_attempt,
-            last_reply=None if last is None else _reply_text(last),
+            last_reply=last,
             sent_at=now,
         )
         return result, failed
@@ -712,7 +716,7 @@ class SpooledDelivery:
                 date=formatdate(now, localtime=True),
                 failures=[
                     # A failure with a temporary reply is one that was retried until delivery.max_age.
-                    FailedRecipient(f.recipient, f.reply, expired=f.reply.startswith("4"))
+                    FailedRecipient(f.recipient, f.reply, expired=not f.reply.is_permanent)
                     for f in message.failures
                 ],
                 original_headers=message.failures[0].headers,
@@ -728,7 +732,7 @@ class SpooledDelivery:
                     mail_from=message.mail_from,
                     smtputf8=not message.mail_from.isascii(),
                     body=dsn.body,
-                    copies=(NewCopy((message.mail_from,), "bounce", dsn.headers),),
+                    copies=(NewCopy((message.mail_from,), CopyKind.BOUNCE, dsn.headers),),
                     received_at=now,
                     upstream=message.upstream,
                     is_bounce=True,

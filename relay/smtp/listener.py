@@ -35,7 +35,7 @@ from relay.delivery.passthrough import PassthroughSession, own_login_refusal
 from relay.smtp.accounts import Account, AccountsFile
 from relay.smtp.auth import Authenticator, from_header_refusal, sender_refusal
 from relay.smtp.data_reader import read_data
-from relay.spool.sqlite import new_queue_id
+from relay.spool.interface import new_queue_id
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Small messages are prepared on the event loop: handing them to a thread costs more than the work

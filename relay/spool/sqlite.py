@@ -1,9 +1,8 @@
 """Durable storage of accepted messages and the state of each outgoing copy.
 
 Each message's body is stored once; each copy is a row holding only its own header bytes, recipients
-and delivery state. Delivery logic talks to the Spool protocol only, so a shared database could back
-several relays later. SqliteSpool is the embedded implementation: WAL mode, short transactions, and
-group commit (one fsync makes every commit made before it durable).
+and delivery state. SqliteSpool implements the Spool interface (relay/spool/interface.py) in one file:
+WAL mode, short transactions, and group commit (one fsync makes every commit made before it durable).
 
 What must survive a power cut is fsynced before the caller hears of it: a new message (the client's
 250) and a bounce. Claims and delivery results are not: like Postfix, which does not fsync a queue
@@ -15,18 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
-import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-from relay.core.replies import RelayError
+from relay.core.policy import CopyKind
+from relay.core.replies import Reply
+from relay.spool.interface import (
+    CopyResult,
+    CopyState,
+    CopySummary,
+    Failure,
+    MessageSummary,
+    NewMessage,
+    Progress,
+    SettledMessage,
+    SpooledCopy,
+    SpoolWriteError,
+)
+from relay.spool.schema import prepare_schema
 
 DATABASE_NAME = "spool.db"
 # How long a write waits for another process (a worker, the queue command) to release the database.
@@ -36,55 +46,7 @@ BLOB_SLICE = 1024 * 1024
 # How often the WAL is copied into the database (a checkpoint), so that it can start over.
 CHECKPOINT_INTERVAL = 1.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    mail_from TEXT NOT NULL,
-    smtputf8 INTEGER NOT NULL,
-    upstream TEXT,               -- the upstream chosen for this message; NULL is the default one
-    is_bounce INTEGER NOT NULL,  -- a DSN made by the relay: never bounced itself
-    received_at REAL NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS copies (
-    id INTEGER PRIMARY KEY,
-    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    recipients TEXT NOT NULL,    -- the recipients still to deliver, one per line
-    headers BLOB NOT NULL,
-    state TEXT NOT NULL,         -- queued | sending (claimed until next_attempt, the end of its lease)
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_reply TEXT
-);
-CREATE INDEX IF NOT EXISTS copies_due ON copies (next_attempt);
-CREATE INDEX IF NOT EXISTS copies_message ON copies (message_id);
-CREATE TABLE IF NOT EXISTS failures (
-    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    recipient TEXT NOT NULL,
-    reply TEXT NOT NULL,
-    headers BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sends (
-    sent_at REAL NOT NULL,
-    recipients INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS failures_message ON failures (message_id);
-CREATE INDEX IF NOT EXISTS sends_time ON sends (sent_at);
-"""
-
-QUEUED = "queued"
-SENDING = "sending"
 _DAY = 86_400.0
-
-
-def new_queue_id() -> str:
-    return secrets.token_hex(6).upper()
-
-
-class SpoolWriteError(RelayError):
-    """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
 
 
 def _closed() -> SpoolWriteError:
@@ -97,170 +59,6 @@ def _write_error(exc: sqlite3.Error | OSError) -> SpoolWriteError:
     if code == sqlite3.SQLITE_FULL:
         return SpoolWriteError(452, "4.3.1", "Insufficient system storage: the relay's spool is full; try again later")
     return SpoolWriteError(451, "4.3.0", f"The relay cannot store the message right now ({exc}); try again later")
-
-
-@dataclass(frozen=True, slots=True)
-class NewCopy:
-    recipients: tuple[str, ...]
-    kind: str
-    headers: bytes
-    # Non-zero: stored already claimed until then, for a first attempt sent from memory at once.
-    claimed_until: float = 0.0
-
-
-class Progress(enum.Enum):
-    """Where a message stands after an attempt's result is stored."""
-
-    SENDING = "sending"  # copies left to send
-    DELIVERED = "delivered"  # every copy delivered: the message is already forgotten
-    SETTLED = "settled"  # nothing left to send, failures to bounce: retire() comes next
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    id: str
-    mail_from: str
-    smtputf8: bool
-    body: bytes
-    copies: tuple[NewCopy, ...]
-    received_at: float
-    upstream: str | None = None
-    is_bounce: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SpooledCopy:
-    """A copy claimed for sending; body is shared by all copies of its message in one claim."""
-
-    id: int
-    message_id: str
-    position: int
-    kind: str
-    recipients: tuple[str, ...]
-    headers: bytes
-    body: bytes
-    mail_from: str
-    smtputf8: bool
-    upstream: str | None
-    received_at: float
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class CopyResult:
-    """What one attempt changed: recipients done, recipients failed for good, recipients to retry."""
-
-    copy_id: int
-    delivered: tuple[str, ...] = ()
-    failed: tuple[tuple[str, str], ...] = ()  # (recipient, upstream reply)
-    retry: tuple[str, ...] = ()
-    next_attempt: float = 0.0
-    last_reply: str | None = None
-    counts_as_attempt: bool = True
-    sent_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    recipient: str
-    reply: str
-    headers: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SettledMessage:
-    """A message with no copy left to send: what remains is to bounce its failures and forget it."""
-
-    id: str
-    mail_from: str
-    upstream: str | None
-    is_bounce: bool
-    received_at: float
-    failures: tuple[Failure, ...]
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CopyState:
-    id: int
-    position: int
-    kind: str
-    recipients: tuple[str, ...]
-    state: str
-    attempts: int
-    next_attempt: float
-    last_reply: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageSummary:
-    id: str
-    mail_from: str
-    upstream: str | None
-    is_bounce: bool
-    received_at: float
-    size: int
-    copies: tuple[CopyState, ...]
-    failures: tuple[Failure, ...]
-
-
-class Spool(Protocol):
-    async def store(
-        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
-    ) -> tuple[int, ...]:
-        """Commit the message and its copy plan durably; the copies' ids, in order. SpoolWriteError if it cannot.
-
-        committed(ids), if given, runs as soon as the message is committed, while it is being made durable.
-        """
-
-    async def recover(self) -> int:
-        """After a restart: copies that were being sent become due again; returns how many.
-
-        For one relay per spool. Relays sharing a database would skip this and let claims run out instead.
-        """
-
-    async def claim_due(
-        self, now: float, limit: int, lease: float, known_bodies: Mapping[str, bytes]
-    ) -> list[SpooledCopy]:
-        """Up to limit due copies (queued ones, and claimed ones whose lease ran out), claimed until now + lease.
-
-        Bodies already in memory (known_bodies, by message id) are used as they are, not read again.
-        """
-
-    async def release(self, copy_id: int, next_attempt: float) -> None:
-        """Put a claimed copy back unsent, without counting an attempt."""
-
-    async def postpone(self, now: float, until: float) -> None:
-        """Copies due now wait until then (a rate limit is reached), without counting an attempt."""
-
-    async def record(self, result: CopyResult) -> Progress:
-        """Store an attempt's outcome and say where its message stands.
-
-        A message delivered to everyone is forgotten at once; one with failures waits for retire().
-        """
-
-    async def next_due(self) -> float | None:
-        """When the next copy is due (or a claim runs out), if any."""
-
-    async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
-        """Messages (or the one named) with no copy left to send."""
-
-    async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
-        """Forget a settled message, storing its bounce (if any) in the same transaction."""
-
-    async def recent_sends(self, since: float) -> list[tuple[float, int]]:
-        """(time, recipients) of the transactions sent since then, for rate limits across restarts."""
-
-    async def summaries(self) -> list[MessageSummary]: ...
-
-    async def summary(self, message_id: str) -> MessageSummary | None: ...
-
-    async def retry_now(self, now: float, message_id: str | None) -> int:
-        """Make queued copies (of one message, or all) due now; returns how many."""
-
-    async def delete(self, message_id: str) -> bool: ...
-
-    async def close(self) -> None: ...
 
 
 _T = TypeVar("_T")
@@ -392,7 +190,7 @@ class SqliteSpool:
         # Checkpoints (which fsync) run in the sync thread instead of inside some commit.
         connection.execute("PRAGMA wal_autocheckpoint=0")
         connection.execute("PRAGMA foreign_keys=ON")
-        connection.executescript(_SCHEMA)
+        prepare_schema(connection)
         connection.execute("PRAGMA busy_timeout=0")
         return connection
 
@@ -486,14 +284,12 @@ class SqliteSpool:
     async def recover(self) -> int:
         def requeue(db: sqlite3.Connection) -> int:
             return db.execute(
-                "UPDATE copies SET state = ?, next_attempt = 0 WHERE state = ?", (QUEUED, SENDING)
+                "UPDATE copies SET state = ?, next_attempt = 0 WHERE state = ?", (CopyState.QUEUED, CopyState.SENDING)
             ).rowcount
 
         return await self._write(requeue)
 
-    async def claim_due(
-        self, now: float, limit: int, lease: float, known_bodies: Mapping[str, bytes]
-    ) -> list[SpooledCopy]:
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
         def claim(db: sqlite3.Connection) -> list[SpooledCopy]:
             rows = db.execute(
                 "SELECT c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts,"
@@ -506,23 +302,16 @@ class SqliteSpool:
                 return []
             db.executemany(
                 "UPDATE copies SET state = ?, next_attempt = ? WHERE id = ?",
-                [(SENDING, now + lease, row[0]) for row in rows],
+                [(CopyState.SENDING, now + lease, row[0]) for row in rows],
             )
-            bodies = {
-                message_id: known_bodies[message_id] for message_id in {row[1] for row in rows} & known_bodies.keys()
-            }
-            for message_id in {row[1] for row in rows} - bodies.keys():
-                (body,) = db.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
-                bodies[message_id] = bytes(body)
             return [
                 SpooledCopy(
                     id=row[0],
                     message_id=row[1],
                     position=row[2],
-                    kind=row[3],
+                    kind=CopyKind(row[3]),
                     recipients=_split_lines(row[4]),
                     headers=bytes(row[5]),
-                    body=bodies[row[1]],
                     mail_from=row[7],
                     smtputf8=bool(row[8]),
                     upstream=row[9],
@@ -534,18 +323,32 @@ class SqliteSpool:
 
         return await self._write(claim, durable=False)
 
+    async def bodies(self, message_ids: Collection[str]) -> dict[str, bytes]:
+        def read(db: sqlite3.Connection) -> dict[str, bytes]:
+            found = {}
+            for message_id in message_ids:
+                row = db.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
+                if row is not None:
+                    found[message_id] = bytes(row[0])
+            return found
+
+        return await self._read(read)
+
     async def release(self, copy_id: int, next_attempt: float) -> None:
         def put_back(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE copies SET state = ?, next_attempt = ? WHERE id = ?",
-                (QUEUED, next_attempt, copy_id),
+                (CopyState.QUEUED, next_attempt, copy_id),
             )
 
         await self._write(put_back, durable=False)
 
     async def postpone(self, now: float, until: float) -> None:
         def delay(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE copies SET next_attempt = ? WHERE state = ? AND next_attempt <= ?", (until, QUEUED, now))
+            db.execute(
+                "UPDATE copies SET next_attempt = ? WHERE state = ? AND next_attempt <= ?",
+                (until, CopyState.QUEUED, now),
+            )
 
         await self._write(delay, durable=False)
 
@@ -561,18 +364,22 @@ class SqliteSpool:
                 )
                 db.execute("DELETE FROM sends WHERE sent_at < ?", (result.sent_at - _DAY,))
             db.executemany(
-                "INSERT INTO failures (message_id, recipient, reply, headers) VALUES (?, ?, ?, ?)",
-                [(message_id, recipient, reply, headers) for recipient, reply in result.failed],
+                "INSERT INTO failures (message_id, recipient, code, enhanced, text, headers) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (message_id, recipient, reply.code, reply.enhanced, reply.text, headers)
+                    for recipient, reply in result.failed
+                ],
             )
             if result.retry:
+                last = result.last_reply
                 db.execute(
-                    "UPDATE copies SET state = ?, recipients = ?, next_attempt = ?, last_reply = ?,"
-                    " attempts = attempts + ? WHERE id = ?",
+                    "UPDATE copies SET state = ?, recipients = ?, next_attempt = ?,"
+                    " last_code = ?, last_enhanced = ?, last_text = ?, attempts = attempts + ? WHERE id = ?",
                     (
-                        QUEUED,
+                        CopyState.QUEUED,
                         _lines(result.retry),
                         result.next_attempt,
-                        result.last_reply,
+                        *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
                         int(result.counts_as_attempt),
                         result.copy_id,
                     ),
@@ -610,13 +417,7 @@ class SqliteSpool:
                 parameters = (message_id,)
             settled = []
             for row in db.execute(query, parameters).fetchall():
-                failures = tuple(
-                    Failure(recipient, reply, bytes(headers))
-                    for recipient, reply, headers in db.execute(
-                        "SELECT recipient, reply, headers FROM failures WHERE message_id = ? ORDER BY rowid",
-                        (row[0],),
-                    )
-                )
+                failures = _failures(db, row[0])
                 settled.append(SettledMessage(row[0], row[1], row[2], bool(row[3]), row[4], failures, bytes(row[5])))
             return settled
 
@@ -647,9 +448,12 @@ class SqliteSpool:
     async def retry_now(self, now: float, message_id: str | None) -> int:
         def make_due(db: sqlite3.Connection) -> int:
             if message_id is None:
-                return db.execute("UPDATE copies SET next_attempt = ? WHERE state = ?", (now, QUEUED)).rowcount
+                return db.execute(
+                    "UPDATE copies SET next_attempt = ? WHERE state = ?", (now, CopyState.QUEUED)
+                ).rowcount
             return db.execute(
-                "UPDATE copies SET next_attempt = ? WHERE state = ? AND message_id = ?", (now, QUEUED, message_id)
+                "UPDATE copies SET next_attempt = ? WHERE state = ? AND message_id = ?",
+                (now, CopyState.QUEUED, message_id),
             ).rowcount
 
         return await self._write(make_due)
@@ -712,7 +516,7 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
                 copy.kind,
                 _lines(copy.recipients),
                 copy.headers,
-                SENDING if copy.claimed_until else QUEUED,
+                CopyState.SENDING if copy.claimed_until else CopyState.QUEUED,
                 copy.claimed_until or message.received_at,
             )
             for position, copy in enumerate(message.copies)
@@ -731,18 +535,33 @@ def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSu
     summaries = []
     for row in db.execute(query + " ORDER BY received_at, id", parameters).fetchall():
         copies = tuple(
-            CopyState(c[0], c[1], c[2], _split_lines(c[3]), c[4], c[5], c[6], c[7])
+            CopySummary(
+                c[0],
+                c[1],
+                CopyKind(c[2]),
+                _split_lines(c[3]),
+                CopyState(c[4]),
+                c[5],
+                c[6],
+                None if c[7] is None else Reply(c[7], c[8], c[9]),
+            )
             for c in db.execute(
-                "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_reply"
-                " FROM copies WHERE message_id = ? ORDER BY position, id",
+                "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_code, last_enhanced,"
+                " last_text FROM copies WHERE message_id = ? ORDER BY position, id",
                 (row[0],),
             )
         )
-        failures = tuple(
-            Failure(recipient, reply, bytes(headers))
-            for recipient, reply, headers in db.execute(
-                "SELECT recipient, reply, headers FROM failures WHERE message_id = ? ORDER BY rowid", (row[0],)
-            )
+        summaries.append(
+            MessageSummary(row[0], row[1], row[2], bool(row[3]), row[4], row[5], copies, _failures(db, row[0]))
         )
-        summaries.append(MessageSummary(row[0], row[1], row[2], bool(row[3]), row[4], row[5], copies, failures))
     return summaries
+
+
+def _failures(db: sqlite3.Connection, message_id: str) -> tuple[Failure, ...]:
+    return tuple(
+        Failure(recipient, Reply(code, enhanced, text), bytes(headers))
+        for recipient, code, enhanced, text, headers in db.execute(
+            "SELECT recipient, code, enhanced, text, headers FROM failures WHERE message_id = ? ORDER BY rowid",
+            (message_id,),
+        )
+    )

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from relay.server import RelayServer
-from relay.spool.sqlite import NewCopy, NewMessage, SqliteSpool
+from relay.spool.interface import NewCopy, NewMessage
+from relay.spool.sqlite import SqliteSpool
 from tests.conftest import RelayCertificate, relay_config
 from tests.spool_support import RelayProcess, wait_until
 
@@ -143,7 +144,7 @@ async def _leave_a_copy_in_flight(spool_path: Path) -> None:
     await spool.open()
     copy = NewCopy(("r@dst.test",), "original", b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\n")
     await spool.store(NewMessage("INFLIGHT1", "a@src.test", False, b"body\r\n", (copy,), time.time()))
-    assert len(await spool.claim_due(time.time(), 10, 3600, {})) == 1
+    assert len(await spool.claim_due(time.time(), 10, 3600)) == 1
     await spool.close()
 
 
