@@ -19,13 +19,9 @@ from typing import Any
 import structlog
 
 from relay.config.models import Config, ConfigError, ListenConfig, UpstreamConfig
-from relay.delivery.engine import (
-    Destination,
-    DirectDelivery,
-    OutboxDestination,
-    SpooledDelivery,
-    UpstreamDestination,
-)
+from relay.delivery.destinations import Destination, OutboxDestination, UpstreamDestination
+from relay.delivery.direct import DirectDelivery
+from relay.delivery.intake import SpooledDelivery
 from relay.delivery.passthrough import PassthroughLogins
 from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
 from relay.smtp.auth import Authenticator, FailedLoginLockout

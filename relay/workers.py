@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from relay.config.models import Config
-from relay.delivery.engine import recover_spool
+from relay.delivery.intake import recover_spool
 from relay.spool.sqlite import SqliteSpool
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).

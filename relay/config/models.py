@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from relay.core.policy import PolicySettings
+from relay.core.retry import RetrySettings
 
 ENV_PREFIX = "RELAY_"
 PASSWORD_ENV = "RELAY_UPSTREAM_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
@@ -222,6 +223,10 @@ class DeliveryConfig(_Section):
         if self.max_backoff < self.min_backoff:
             raise ValueError(f"max_backoff ({self.max_backoff:g} s) must not be smaller than min_backoff")
         return self
+
+    def retry_settings(self) -> RetrySettings:
+        """The backoff and give-up times for the core's retry rule, which takes plain data."""
+        return RetrySettings(min_backoff=self.min_backoff, max_backoff=self.max_backoff, max_age=self.max_age)
 
 
 class PolicyConfig(_Section):

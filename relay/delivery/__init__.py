@@ -1,1 +1,2 @@
-"""From a stored message to the upstream: the delivery engine, direct (passthrough) sends, the outbox, bounces."""
+"""From a stored message to the upstream: intake, scheduler and retire (hybrid and queue
+modes), direct sends (and passthrough), destinations (the outbox, an upstream), delivery reports kept as files."""

@@ -19,7 +19,9 @@ from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy
-from relay.delivery.engine import DeliveryReport, DirectDelivery, UpstreamDestination
+from relay.delivery.destinations import UpstreamDestination
+from relay.delivery.direct import DirectDelivery
+from relay.delivery.report import DeliveryReport
 from relay.upstream.errors import UpstreamLoginUnavailable
 from relay.upstream.pool import UpstreamPool
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from relay.core.policy import CopyKind
 from relay.core.replies import RelayError, Reply
+from relay.core.rewrite import OutgoingCopy
 
 
 class CopyState(enum.StrEnum):
@@ -30,15 +31,6 @@ class SpoolWriteError(RelayError):
     """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
 
 
-@dataclass(frozen=True, slots=True)
-class NewCopy:
-    recipients: tuple[str, ...]
-    kind: CopyKind
-    headers: bytes
-    # Non-zero: stored already claimed until then, for a first attempt sent from memory at once.
-    claimed_until: float = 0.0
-
-
 class Progress(enum.Enum):
     """Where a message stands after an attempt's result is stored."""
 
@@ -49,14 +41,19 @@ class Progress(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
+    """A message to store: its body once, and its copies as the pipeline made them (their bodies are this body)."""
+
     id: str
     mail_from: str
     smtputf8: bool
     body: bytes
-    copies: tuple[NewCopy, ...]
+    copies: tuple[OutgoingCopy, ...]
     received_at: float
     upstream: str | None = None
     is_bounce: bool = False
+    # The first `claimed` copies are stored already claimed until claimed_until: first attempts sent from memory.
+    claimed: int = 0
+    claimed_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

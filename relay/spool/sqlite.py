@@ -516,8 +516,8 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
                 copy.kind,
                 _lines(copy.recipients),
                 copy.headers,
-                CopyState.SENDING if copy.claimed_until else CopyState.QUEUED,
-                copy.claimed_until or message.received_at,
+                CopyState.SENDING if position < message.claimed else CopyState.QUEUED,
+                message.claimed_until if position < message.claimed else message.received_at,
             )
             for position, copy in enumerate(message.copies)
         ],

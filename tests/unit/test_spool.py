@@ -13,7 +13,8 @@ import pytest
 
 from relay.core.policy import CopyKind
 from relay.core.replies import Reply
-from relay.spool.interface import CopyResult, CopyState, NewCopy, NewMessage, Progress, SpoolWriteError
+from relay.core.rewrite import OutgoingCopy
+from relay.spool.interface import CopyResult, CopyState, NewMessage, Progress, SpoolWriteError
 from relay.spool.sqlite import BLOB_SLICE, SqliteSpool
 
 QUEUED, SENDING = CopyState.QUEUED, CopyState.SENDING
@@ -29,7 +30,7 @@ def message(
         mail_from=mail_from,
         smtputf8=False,
         body=BODY,
-        copies=tuple(NewCopy((r,), CopyKind.SINGLE, f"To: {r}\r\n\r\n".encode()) for r in recipients),
+        copies=tuple(OutgoingCopy((r,), CopyKind.SINGLE, f"To: {r}\r\n\r\n".encode(), BODY) for r in recipients),
         received_at=received_at,
     )
 
@@ -141,9 +142,7 @@ async def test_a_message_delivered_to_everyone_is_forgotten_with_its_last_result
 
 async def test_copies_stored_claimed_are_not_claimed_again_until_their_lease_runs_out(spool: SqliteSpool) -> None:
     plan = message("M1", ["a@x.test", "b@x.test"])
-    claimed = dataclasses.replace(
-        plan, copies=(dataclasses.replace(plan.copies[0], claimed_until=4600.0), plan.copies[1])
-    )
+    claimed = dataclasses.replace(plan, claimed=1, claimed_until=4600.0)
     ids = await spool.store(claimed)
     assert rows(spool, "SELECT id, state, next_attempt FROM copies ORDER BY position") == [
         (ids[0], SENDING, 4600.0),
@@ -162,8 +161,8 @@ async def test_a_body_larger_than_a_slice_is_stored_whole(spool: SqliteSpool) ->
 
 
 async def test_a_deferred_copy_keeps_only_the_recipients_left_and_counts_the_attempt(spool: SqliteSpool) -> None:
-    bcc_copy = NewCopy(
-        ("a@x.test", "b@x.test", "c@x.test"), CopyKind.UNDISCLOSED, b"To: undisclosed-recipients:;\r\n\r\n"
+    bcc_copy = OutgoingCopy(
+        ("a@x.test", "b@x.test", "c@x.test"), CopyKind.UNDISCLOSED, b"To: undisclosed-recipients:;\r\n\r\n", BODY
     )
     await spool.store(NewMessage("M1", "s@x.test", False, BODY, (bcc_copy,), 1000.0))
     (copy,) = await spool.claim_due(1000.0, 10, lease=60)
@@ -235,7 +234,12 @@ async def test_a_full_spool_is_a_452_and_keeps_what_was_stored(spool: SqliteSpoo
     pages = await spool._read(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
     await spool._read(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
     big = NewMessage(
-        "M2", "s@x.test", False, b"x" * 200_000, (NewCopy(("b@x.test",), CopyKind.SINGLE, b"\r\n"),), 1000.0
+        "M2",
+        "s@x.test",
+        False,
+        b"x" * 200_000,
+        (OutgoingCopy(("b@x.test",), CopyKind.SINGLE, b"\r\n", b"x" * 200_000),),
+        1000.0,
     )
     with pytest.raises(SpoolWriteError) as refused:
         await spool.store(big)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from relay.config.models import ENV_KEYS, ConfigError, load_config
-from relay.delivery.pacing import DAY, MAX_PACE, Pacer, RateLimiter, is_throttling, retry_delay
+from relay.core.pacing import DAY, MAX_PACE, Pacer, RateLimiter, is_throttling, retry_delay
 
 
 def test_backoff_doubles_from_the_first_retry_within_a_minute_up_to_the_cap() -> None:
