@@ -349,7 +349,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
     print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
     print(f"upstream: {_describe_route(config, mail_from)}")
     try:
-        prepared = prepare(envelope, data, config.policy.settings(), trace, f"<preview@{hostname}>")
+        prepared = prepare(envelope, message, config.policy.settings(), trace, f"<preview@{hostname}>")
     except PrivacyCheckFailed as failure:
         print(f"decision: refused by the privacy check (header {failure.leak.field})")
         print(f"reply:    {failure.render()}")

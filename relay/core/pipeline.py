@@ -1,4 +1,4 @@
-"""From received bytes to checked outgoing copies: parse, decide, rewrite, leak check.
+"""From a parsed message to checked outgoing copies: decide, rewrite, leak check.
 
 Pure: the listener and `privacy-relay preview` both call prepare(); neither duplicates its steps.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.core.leakcheck import Leak, LeakChecker
-from relay.core.message import parse_message
+from relay.core.message import ParsedMessage
 from relay.core.policy import Decision, Envelope, PolicySettings, decide
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy, TraceInfo, build_copies
@@ -37,13 +37,12 @@ class Prepared:
 
 def prepare(
     envelope: Envelope,
-    data: bytes,
+    message: ParsedMessage,
     policy: PolicySettings,
     trace: TraceInfo,
     message_id: str,
 ) -> Prepared:
-    """Every copy to send for this message, each verified; raises RelayError if it must be refused."""
-    message = parse_message(data)
+    """Every copy to send for this message (parsed once, by the caller), each verified; RelayError if refused."""
     decision = decide(envelope, message, policy)
     if decision.rejection is not None:
         raise decision.rejection

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from relay.config.models import Config
 from relay.core.addresses import validate_envelope_address
-from relay.core.message import parse_message
+from relay.core.message import ParsedMessage, parse_message
 from relay.core.pipeline import PrivacyCheckFailed, prepare
 from relay.core.policy import Action
 from relay.core.policy import Envelope as PolicyEnvelope
@@ -41,7 +41,7 @@ from relay.smtp.data_reader import read_data
 from relay.spool.interface import new_queue_id
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Small messages are prepared on the event loop: handing them to a thread costs more than the work
+# Small messages are parsed and prepared on the event loop: handing them to a thread costs more than the work
 # (a fraction of a millisecond). Large ones go to a thread so other sessions are not held up.
 INLINE_PREPARE_BYTES = 65_536
 INLINE_PREPARE_RECIPIENTS = 50
@@ -259,20 +259,15 @@ class RelayHandler:
         return refusal
 
     def _from_header_refusal(
-        self, passthrough: PassthroughSession | None, login: Account | None, data: bytes
+        self, passthrough: PassthroughSession | None, login: Account | None, message: ParsedMessage
     ) -> RelayError | None:
         """The From check that goes with the session's login: its passthrough upstream's, or the accounts file's."""
+        if passthrough is not None:
+            return passthrough.from_header_refusal(self.config, message)
         accounts = self._accounts_file
-        if passthrough is None and accounts is None:
+        if accounts is None:
             return None
-        try:
-            message = parse_message(data)
-            if passthrough is not None:
-                return passthrough.from_header_refusal(self.config, message)
-            assert accounts is not None
-            return from_header_refusal(accounts.current(), login, message)
-        except RelayError as malformed:
-            return malformed
+        return from_header_refusal(accounts.current(), login, message)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -311,7 +306,14 @@ class RelayHandler:
             # An upstream that drops NUL bytes would read <CRLF><NUL>.<CRLF> as the end of the message.
             log.info("message.refused", code=550, reason="NUL byte")
             return "550 5.6.0 The message contains a NUL byte, which SMTP does not allow; fix the sending program"
-        from_refusal = self._from_header_refusal(passthrough, login, data)
+        # Parsed once, here; a big message in a thread, so the event loop keeps serving other clients.
+        inline = len(data) <= INLINE_PREPARE_BYTES and len(envelope.rcpt_tos) <= INLINE_PREPARE_RECIPIENTS
+        try:
+            message = parse_message(data) if inline else await asyncio.to_thread(parse_message, data)
+        except RelayError as malformed:
+            log.info("message.refused", code=malformed.code, reason=malformed.text)
+            return malformed.render()
+        from_refusal = self._from_header_refusal(passthrough, login, message)
         if from_refusal is not None:
             log.info("message.refused", code=from_refusal.code, reason=from_refusal.text)
             return from_refusal.render()
@@ -329,13 +331,13 @@ class RelayHandler:
         policy_envelope = PolicyEnvelope(mail_from, tuple(envelope.rcpt_tos), envelope.smtp_utf8)
         arguments = (
             policy_envelope,
-            data,
+            message,
             self.config.policy.settings(),
             trace,
             f"<{queue_id}.{secrets.token_hex(8)}@{self.hostname}>",
         )
         try:
-            if len(data) <= INLINE_PREPARE_BYTES and len(envelope.rcpt_tos) <= INLINE_PREPARE_RECIPIENTS:
+            if inline:
                 prepared = prepare(*arguments)
             else:
                 prepared = await asyncio.to_thread(prepare, *arguments)

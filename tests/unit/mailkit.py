@@ -10,6 +10,7 @@ from email.utils import getaddresses
 from typing import Any
 
 from relay.config.models import PolicyConfig
+from relay.core.message import parse_message
 from relay.core.pipeline import Prepared, prepare
 from relay.core.policy import Envelope
 from relay.core.rewrite import OutgoingCopy, TraceInfo
@@ -26,7 +27,7 @@ def message(*header_lines: str | bytes, body: bytes = BODY, eol: bytes = b"\r\n"
 
 def run(data: bytes, rcpts: Sequence[str], mail_from: str = SENDER, smtputf8: bool = False, **policy: Any) -> Prepared:
     envelope = Envelope(mail_from, tuple(rcpts), smtputf8)
-    return prepare(envelope, data, PolicyConfig(**policy).settings(), TRACE, "<generated@relay.test>")
+    return prepare(envelope, parse_message(data), PolicyConfig(**policy).settings(), TRACE, "<generated@relay.test>")
 
 
 def parsed(copy: OutgoingCopy) -> EmailMessage:
