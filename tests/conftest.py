@@ -326,7 +326,8 @@ def user_password_hash() -> str:
 @pytest.fixture
 def write_users(tmp_path: Path, user_password_hash: str) -> Callable[..., Path]:
     """write_users(kay=["kay@office.test"], crm=[]) -> an accounts file; every password is USER_PASSWORD."""
-    from relay.smtp.accounts import Account, Accounts, save_accounts
+    from relay.core.senders import Account, Accounts
+    from relay.smtp.accounts import save_accounts
 
     def write(**users: list[str]) -> Path:
         path = tmp_path / "users.yaml"

@@ -20,9 +20,9 @@ from relay.core.policy import Envelope
 from relay.core.replies import RelayError
 from relay.core.rewrite import TraceInfo
 from relay.core.routing import route_for
+from relay.core.senders import Account
 from relay.logs import configure_logging
 from relay.smtp.accounts import (
-    Account,
     UsersFileError,
     check_address,
     check_name,

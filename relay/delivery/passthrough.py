@@ -15,10 +15,15 @@ import structlog
 
 from relay.config.models import Config
 from relay.config.routes import UpstreamChoice, upstream_for
-from relay.core.addresses import parse_address_list
 from relay.core.message import ParsedMessage
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy
+from relay.core.senders import (
+    UpstreamLogin,
+    needs_own_login_refusal,
+    upstream_login_from_refusal,
+    upstream_login_refusal,
+)
 from relay.delivery.destinations import UpstreamDestination
 from relay.delivery.direct import DirectDelivery
 from relay.delivery.report import DeliveryReport
@@ -47,24 +52,15 @@ class PassthroughSession:
         assert self._delivery is not None, "a passthrough session delivers nothing after it ended"
         return await self._delivery.deliver(queue_id, mail_from, copies, smtputf8)
 
+    @property
+    def login(self) -> UpstreamLogin:
+        return UpstreamLogin(self.upstream.name, self.upstream.key, self.user)
+
     def sender_refusal(self, config: Config, address: str, where: str) -> RelayError | None:
-        """Mail from this login leaves only through the upstream it logged in at (reject_sender_login_mismatch)."""
-        if upstream_for(address, config).name == self.upstream.name:
-            return None
-        return RelayError(
-            553,
-            "5.7.1",
-            f"<{address}>: sender address rejected ({where}): mail from it does not leave through "
-            f"{self.upstream.key}, where {self.user} logged in",
-        )
+        return upstream_login_refusal(config.routes, self.login, address, where)
 
     def from_header_refusal(self, config: Config, message: ParsedMessage) -> RelayError | None:
-        for field in message.get_all("from"):
-            for mailbox in parse_address_list(field.value):
-                refusal = self.sender_refusal(config, mailbox.address, "From header")
-                if refusal is not None:
-                    return refusal
-        return None
+        return upstream_login_from_refusal(config.routes, self.login, message)
 
     def end(self) -> None:
         """The client's session is over: forget the credentials now; the upstream hears QUIT in the background."""
@@ -79,16 +75,7 @@ class PassthroughSession:
 def own_login_refusal(config: Config, address: str, authenticated: bool) -> RelayError | None:
     """For a session not logged in at a passthrough upstream: mail that would leave through one needs that login."""
     upstream = upstream_for(address, config)
-    if not upstream.config.is_passthrough:
-        return None
-    if not authenticated:
-        return RelayError(530, "5.7.0", "Authentication required")
-    return RelayError(
-        553,
-        "5.7.1",
-        f"<{address}>: sender address rejected (MAIL FROM): mail from it leaves through {upstream.key}, "
-        "which takes each sender's own login there; log in with that account",
-    )
+    return needs_own_login_refusal(upstream.key if upstream.config.is_passthrough else None, address, authenticated)
 
 
 class PassthroughLogins:

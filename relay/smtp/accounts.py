@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,9 @@ import yaml
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from relay.core.addresses import normalize_address, validate_envelope_address
+from relay.core.addresses import validate_envelope_address
 from relay.core.replies import RelayError
+from relay.core.senders import Account, Accounts
 from relay.files import write_atomically
 
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id, 64 MiB, 3 passes).
@@ -34,36 +33,6 @@ FILE_HEADER = (
 
 class UsersFileError(Exception):
     """The accounts file cannot be read, parsed or written; the text names the file."""
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    name: str
-    password_hash: str = field(repr=False)
-    # As typed by the administrator; compared through normalize_address().
-    addresses: tuple[str, ...] = ()
-
-    @property
-    def may_send_as_anyone(self) -> bool:
-        return not self.addresses
-
-    def owns(self, address: str) -> bool:
-        key = normalize_address(address)
-        return any(normalize_address(own) == key for own in self.addresses)
-
-
-@dataclass(frozen=True, slots=True)
-class Accounts:
-    by_name: Mapping[str, Account] = field(default_factory=dict)
-
-    def owners_of(self, address: str) -> list[Account]:
-        return [account for account in self.by_name.values() if account.owns(address)]
-
-    def with_account(self, account: Account) -> Accounts:
-        return Accounts({**self.by_name, account.name: account})
-
-    def without(self, name: str) -> Accounts:
-        return Accounts({n: a for n, a in self.by_name.items() if n != name})
 
 
 def hash_password(password: str) -> str:

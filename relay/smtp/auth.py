@@ -14,11 +14,10 @@ from functools import cache
 import structlog
 
 from relay.config.routes import UpstreamChoice
-from relay.core.addresses import parse_address_list
-from relay.core.message import ParsedMessage
 from relay.core.replies import RelayError
+from relay.core.senders import Account, Accounts
 from relay.delivery.passthrough import PassthroughLogins, PassthroughSession
-from relay.smtp.accounts import Account, Accounts, AccountsFile, hash_password, verify_password
+from relay.smtp.accounts import AccountsFile, hash_password, verify_password
 from relay.upstream.errors import UpstreamLoginRefused
 
 LOCKOUT_WINDOW = 600.0  # seconds: failures are counted over this window, and a lockout lasts as long
@@ -179,39 +178,3 @@ class Authenticator:
                 failures=self.lockout.max_failures,
                 minutes=round(self.lockout.window / 60),
             )
-
-
-def sender_refusal(accounts: Accounts, login: Account | None, address: str, where: str) -> RelayError | None:
-    """Like Postfix's reject_sender_login_mismatch, for the envelope sender or a From address.
-
-    A logged-in user may use only their own addresses (any address when they have none listed); a client
-    that has not logged in may not use an address that belongs to an account.
-    """
-    if not address:
-        return None
-    if login is None:
-        if not accounts.owners_of(address):
-            return None
-        return RelayError(
-            553,
-            "5.7.1",
-            f"<{address}>: sender address rejected ({where}): not logged in, and this address belongs to "
-            "an account on this relay; log in (AUTH) to send as it",
-        )
-    if login.may_send_as_anyone or login.owns(address):
-        return None
-    return RelayError(553, "5.7.1", f"<{address}>: sender address rejected ({where}): not owned by user {login.name}")
-
-
-def from_header_refusal(accounts: Accounts, login: Account | None, message: ParsedMessage) -> RelayError | None:
-    """sender_refusal() for every address in the From header(s)."""
-    for field in message.get_all("from"):
-        mailboxes = parse_address_list(field.value)
-        if not mailboxes and (login is None or not login.may_send_as_anyone):
-            # What this relay cannot read, a mail program might still show as someone's address.
-            return RelayError(553, "5.7.1", "the From header has no address this relay can read; fix the From line")
-        for mailbox in mailboxes:
-            refusal = sender_refusal(accounts, login, mailbox.address, "From header")
-            if refusal is not None:
-                return refusal
-    return None

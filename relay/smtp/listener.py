@@ -33,10 +33,11 @@ from relay.core.policy import Action
 from relay.core.policy import Envelope as PolicyEnvelope
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy, TraceInfo
+from relay.core.senders import Account, from_header_refusal, sender_refusal
 from relay.delivery.passthrough import PassthroughSession, own_login_refusal
 from relay.delivery.report import DeliveryReport
-from relay.smtp.accounts import Account, AccountsFile
-from relay.smtp.auth import Authenticator, from_header_refusal, sender_refusal
+from relay.smtp.accounts import AccountsFile
+from relay.smtp.auth import Authenticator
 from relay.smtp.data_reader import read_data
 from relay.spool.interface import new_queue_id
 

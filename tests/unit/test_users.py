@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.senders import Account, Accounts
 from relay.smtp.accounts import (
-    Account,
-    Accounts,
     AccountsFile,
     UsersFileError,
     hash_password,

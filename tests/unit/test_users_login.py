@@ -8,8 +8,9 @@ import pytest
 
 from relay.core.message import parse_message
 from relay.core.replies import RelayError
-from relay.smtp.accounts import Account, Accounts, AccountsFile, save_accounts
-from relay.smtp.auth import Authenticator, FailedLoginLockout, from_header_refusal, sender_refusal
+from relay.core.senders import Account, Accounts, from_header_refusal, sender_refusal
+from relay.smtp.accounts import AccountsFile, save_accounts
+from relay.smtp.auth import Authenticator, FailedLoginLockout
 from tests.conftest import USER_PASSWORD
 
 
