@@ -24,6 +24,7 @@ from relay.core.senders import Account
 from relay.logs import configure_logging
 from relay.smtp.accounts import (
     UsersFileError,
+    changing_accounts,
     check_address,
     check_name,
     check_new_password,
@@ -189,19 +190,23 @@ def _user(config: Config, args: argparse.Namespace, source: str) -> int:
             return 0
         name = check_name(args.name)
         if args.user_command == "remove":
-            accounts = load_accounts(path)
-            if name not in accounts.by_name:
-                print(f"privacy-relay: there is no user {name!r} in {path}", file=sys.stderr)
-                return 1
-            save_accounts(path, accounts.without(name))
+            with changing_accounts(path):
+                accounts = load_accounts(path)
+                if name not in accounts.by_name:
+                    print(f"privacy-relay: there is no user {name!r} in {path}", file=sys.stderr)
+                    return 1
+                save_accounts(path, accounts.without(name))
             print(f"removed user {name} from {path}")
             return 0
         addresses = tuple(check_address(address) for address in args.address)
-        accounts = load_accounts_or_empty(path)
+        load_accounts_or_empty(path)  # a broken file is named before the password is asked for
         password = check_new_password(_read_new_password())
         account = Account(name, hash_password(password), addresses)
-        replaced = name in accounts.by_name
-        save_accounts(path, accounts.with_account(account))
+        # Read again under the lock: another `user add` may have changed the file meanwhile.
+        with changing_accounts(path):
+            accounts = load_accounts_or_empty(path)
+            replaced = name in accounts.by_name
+            save_accounts(path, accounts.with_account(account))
     except UsersFileError as exc:
         print(f"privacy-relay: {exc}", file=sys.stderr)
         return 1

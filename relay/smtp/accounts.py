@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from relay.core.addresses import validate_envelope_address
 from relay.core.replies import RelayError
 from relay.core.senders import Account, Accounts
-from relay.files import write_atomically
+from relay.files import change_lock, write_atomically
 
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id, 64 MiB, 3 passes).
 _HASHER = PasswordHasher()
@@ -128,6 +130,21 @@ def save_accounts(path: Path, accounts: Accounts) -> None:
         write_atomically(path, (text.encode("utf-8"),))
     except OSError as exc:
         raise UsersFileError(f"cannot write the accounts file {path}: {exc.strerror}") from exc
+
+
+@contextmanager
+def changing_accounts(path: Path) -> Iterator[None]:
+    """Held by `user add/remove` from reading the file to writing it back: two at once each keep their change."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = change_lock(path)
+        lock.acquire()
+    except OSError as exc:
+        raise UsersFileError(f"cannot lock the accounts file {path}: {exc.strerror}") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def readable_by_others(path: Path) -> bool:

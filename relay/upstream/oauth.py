@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relay.config.models import OAuth2Config
-from relay.files import write_atomically
+from relay.files import async_change_lock, write_atomically
 
 if TYPE_CHECKING:
     from authlib.integrations.base_client.errors import OAuthError
@@ -151,22 +151,32 @@ class AccessTokens:
         self._login_hint = login_hint
         self._clock = clock
         self._lock = asyncio.Lock()
+        # Workers share the token file: one refreshes while the others wait, then use what it saved.
+        self._file_lock = async_change_lock(self._path)
 
     async def current(self) -> str:
-        async with self._lock:
-            token = load_token(self._path, self._login_hint)
-            if token.fresh(self._clock()) and token.access_token is not None:
-                return token.access_token
-            return await self._refresh(token)
+        return await self._access_token(rejected=None)
 
     async def refreshed(self, rejected: str) -> str:
         """A new access token after the upstream refused `rejected`, unless another login already renewed it."""
+        return await self._access_token(rejected)
+
+    async def _access_token(self, rejected: str | None) -> str:
         async with self._lock:
-            token = load_token(self._path, self._login_hint)
-            if token.access_token not in (None, rejected) and token.fresh(self._clock()):
-                assert token.access_token is not None
-                return token.access_token
-            return await self._refresh(token)
+            usable = self._usable(load_token(self._path, self._login_hint), rejected)
+            if usable is not None:
+                return usable
+            async with self._file_lock:
+                # Another worker may have refreshed it while this one waited for the lock.
+                token = load_token(self._path, self._login_hint)
+                usable = self._usable(token, rejected)
+                return usable if usable is not None else await self._refresh(token)
+
+    def _usable(self, token: StoredToken, rejected: str | None) -> str | None:
+        """The stored access token, if it is fresh and not the one the upstream just refused."""
+        if token.access_token not in (None, rejected) and token.fresh(self._clock()):
+            return token.access_token
+        return None
 
     async def _refresh(self, token: StoredToken) -> str:
         import httpx2

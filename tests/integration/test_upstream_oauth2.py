@@ -286,3 +286,30 @@ def test_a_config_error_in_the_oauth2_section_never_quotes_the_client_secret() -
             {**settings, **{k: "x" for k in ("RELAY_UPSTREAM_OAUTH2_CLIENT_ID", "RELAY_UPSTREAM_OAUTH2_TOKEN_FILE")}},
         )
     assert "GOCSPX" not in str(error.value)
+
+
+async def test_a_worker_waits_for_another_workers_refresh_and_uses_the_token_it_saved(
+    tmp_path: Path, token_endpoint: TokenEndpoint
+) -> None:
+    from filelock import FileLock
+
+    from relay.upstream.oauth import AccessTokens
+
+    token_file = tmp_path / "m365.json"
+    save_token(token_file, StoredToken("refresh-0", "access-old", time.time() - 60))
+    config = OAuth2Config(
+        provider="microsoft",
+        client_id=CLIENT_ID,
+        token_file=token_file,
+        token_endpoint=f"{token_endpoint.base}/token",
+    )
+    tokens = AccessTokens(config, "privacy-relay auth login")
+    other_worker = FileLock(tmp_path / ".m365.json.lock")
+    with other_worker:
+        waiting = asyncio.create_task(tokens.current())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        # What the other worker's refresh saves before it lets go of the lock.
+        save_token(token_file, StoredToken("refresh-1", "access-by-the-other-worker", time.time() + 3600))
+    assert await asyncio.wait_for(waiting, 10) == "access-by-the-other-worker"
+    assert token_endpoint.state.token_requests == []
