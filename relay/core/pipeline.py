@@ -5,9 +5,10 @@ Pure: the listener and `privacy-relay preview` both call prepare(); neither dupl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.core.leakcheck import Leak, LeakChecker
+from relay.core.line_length import fit_line_length, fold_long_header_lines
 from relay.core.message import ParsedMessage
 from relay.core.policy import Decision, Envelope, PolicySettings, decide
 from relay.core.replies import RelayError
@@ -52,7 +53,12 @@ def prepare(
     decision = decide(envelope, message, policy)
     if decision.rejection is not None:
         raise decision.rejection
-    copies = build_copies(message, decision, trace, message_id)
+    # Re-encoded (if a line is too long) once, before the copies share the body.
+    message = fit_line_length(message)
+    copies = [
+        replace(copy, headers=fold_long_header_lines(copy.headers))
+        for copy in build_copies(message, decision, trace, message_id)
+    ]
     checker = LeakChecker(decision.protected)
     for plan, copy in zip(decision.copies, copies, strict=True):
         if not plan.leak_checked:

@@ -11,7 +11,6 @@ import asyncio
 import binascii
 import functools
 import ipaddress
-import re
 import secrets
 import ssl
 import time
@@ -75,22 +74,6 @@ def peer_allowed(peer: Any, networks: Sequence[IpNetwork]) -> bool:
 def client_of(session: Session) -> str:
     address = peer_ip(session.peer)
     return str(address) if address is not None else "unknown"
-
-
-_LINE_ENDING = re.compile(rb"\r\n|\n|\r")
-
-
-def crlf_line_endings(data: bytes) -> bytes:
-    """Every line ending as CRLF: bare LF and bare CR become CRLF (the same object if there are none).
-
-    Only <CRLF>.<CRLF> ends DATA here, but a bare <LF>.<LF> or <CR>.<CR> left in a copy could end it
-    at a laxer upstream and smuggle a second message; after this, the relay checks and sends the same
-    lines any upstream will see.
-    """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
-        return data
-    return _LINE_ENDING.sub(b"\r\n", data)
 
 
 class ConnectionSlots:
@@ -290,7 +273,8 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()
         queue_id = new_queue_id()
-        data = crlf_line_endings(envelope.original_content or b"")
+        # Line endings are read (and made CRLF in every copy) by parse_message, the one reading of a message.
+        data = envelope.original_content or b""
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         login = _logged_in(session)
         passthrough = _passthrough_of(session)
@@ -407,7 +391,8 @@ class RelaySMTP(SMTP):
     implicit TLS begun only after admission, so a half-open handshake holds a counted slot for at most
     tls_handshake_timeout seconds."""
 
-    # Postfix accepts long lines too; many scripts send HTML on one line.
+    # Postfix accepts long lines too; many scripts send HTML on one line. Lines over 998 octets are
+    # folded or re-encoded before they go on (relay.line_length), or the message is refused.
     line_length_limit = 65_536
 
     def __init__(
