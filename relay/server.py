@@ -24,7 +24,8 @@ from relay.delivery.intake import SpooledDelivery
 from relay.delivery.passthrough import PassthroughLogins
 from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
 from relay.smtp.auth import Authenticator, FailedLoginLockout
-from relay.smtp.listener import ConnectionSlots, RelayHandler, RelaySMTP
+from relay.smtp.listener import ConnectionSlots, RelayHandler
+from relay.smtp.protocol import RelaySMTP
 from relay.spool.sqlite import SqliteSpool
 from relay.upstream.oauth import AccessTokens
 from relay.upstream.pool import UpstreamPool

@@ -21,7 +21,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.config.models import Config, load_config
+from relay.config.loading import load_config
+from relay.config.models import Config
 from relay.server import RelayServer
 from tests.oauth_server import TokenEndpoint
 

@@ -12,7 +12,8 @@ from email.utils import formatdate
 from pathlib import Path
 
 from relay import __version__
-from relay.config.models import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
+from relay.config.loading import load_config
+from relay.config.models import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig
 from relay.core.addresses import parse_address_list
 from relay.core.message import parse_message
 from relay.core.pipeline import PrivacyCheckFailed, prepare

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import threading
-import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -37,14 +35,13 @@ from relay.spool.interface import (
     SpoolWriteError,
 )
 from relay.spool.schema import prepare_schema
+from relay.spool.wal import WalSyncer, write_error
 
 DATABASE_NAME = "spool.db"
 # How long a write waits for another process (a worker, the queue command) to release the database.
 BUSY_TIMEOUT = 10.0
 # Bodies larger than this are written into the database in slices of this size.
 BLOB_SLICE = 1024 * 1024
-# How often the WAL is copied into the database (a checkpoint), so that it can start over.
-CHECKPOINT_INTERVAL = 1.0
 
 _DAY = 86_400.0
 
@@ -52,13 +49,6 @@ _DAY = 86_400.0
 def _closed() -> SpoolWriteError:
     # A client still in a session while the relay stops (SIGTERM): it keeps the message and tries again.
     return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
-
-
-def _write_error(exc: sqlite3.Error | OSError) -> SpoolWriteError:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL:
-        return SpoolWriteError(452, "4.3.1", "Insufficient system storage: the relay's spool is full; try again later")
-    return SpoolWriteError(451, "4.3.0", f"The relay cannot store the message right now ({exc}); try again later")
 
 
 _T = TypeVar("_T")
@@ -70,87 +60,6 @@ def _lines(recipients: Sequence[str]) -> str:
 
 def _split_lines(text: str) -> tuple[str, ...]:
     return tuple(text.split("\n")) if text else ()
-
-
-class _WalSyncer:
-    """A thread that fsyncs the WAL as soon as a commit waits for it, and checkpoints it every second.
-
-    Commits made while an fsync runs share the next one (group commit), which starts at once in this
-    thread, without a round trip through the event loop.
-    """
-
-    def __init__(self, database: Path, wal: int, loop: asyncio.AbstractEventLoop) -> None:
-        self._database = database
-        self._wal = wal
-        self._loop = loop
-        self._condition = threading.Condition()
-        self._requested = 0  # the latest commit waiting for an fsync (shared with the thread)
-        self._stopping = False
-        self._synced = 0  # the latest commit known to be on disk (event loop only)
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # (commit, future), event loop only
-        self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
-        self._thread.start()
-
-    async def sync(self, commit: int) -> None:
-        """Wait until commit number `commit` (and every one before it) is on disk."""
-        if commit <= self._synced:
-            return
-        future = self._loop.create_future()
-        self._waiters.append((commit, future))
-        with self._condition:
-            self._requested = max(self._requested, commit)
-            self._condition.notify()
-        await future
-
-    def _synced_up_to(self, commit: int, error: OSError | None) -> None:
-        self._synced = max(self._synced, commit)
-        waiting = []
-        for waiter_commit, future in self._waiters:
-            if waiter_commit > commit:
-                waiting.append((waiter_commit, future))
-            elif future.done():
-                continue  # the client went away meanwhile
-            elif error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(_write_error(error))
-        self._waiters = waiting
-
-    def _run(self) -> None:
-        synced = 0
-        last_checkpoint = time.monotonic()
-        checkpointer = sqlite3.connect(self._database, isolation_level=None, timeout=0)
-        try:
-            while True:
-                with self._condition:
-                    if self._requested <= synced and not self._stopping:
-                        self._condition.wait(CHECKPOINT_INTERVAL)
-                    target = self._requested
-                    stopping = self._stopping
-                if target > synced:
-                    error: OSError | None = None
-                    try:
-                        os.fsync(self._wal)
-                    except OSError as exc:
-                        error = exc
-                    synced = target
-                    self._loop.call_soon_threadsafe(self._synced_up_to, target, error)
-                if stopping:
-                    return
-                if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL:
-                    last_checkpoint = time.monotonic()
-                    # PASSIVE never waits for or blocks a writer; with nothing new in the WAL it does nothing.
-                    with contextlib.suppress(sqlite3.Error):
-                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            checkpointer.close()
-
-    def stop(self) -> None:
-        """Finish the fsync asked for, then end the thread."""
-        with self._condition:
-            self._stopping = True
-            self._condition.notify()
-        self._thread.join()
 
 
 class SqliteSpool:
@@ -169,7 +78,7 @@ class SqliteSpool:
         self._folder = folder
         self._connection: sqlite3.Connection | None = None
         self._wal: int | None = None  # a descriptor of the -wal file, for fsync
-        self._syncer: _WalSyncer | None = None
+        self._syncer: WalSyncer | None = None
         self._commits = 0  # durable commits made so far
 
     @property
@@ -204,7 +113,7 @@ class SqliteSpool:
             os.fsync(directory)
         finally:
             os.close(directory)
-        self._syncer = _WalSyncer(self.path, self._wal, asyncio.get_running_loop())
+        self._syncer = WalSyncer(self.path, self._wal, asyncio.get_running_loop())
         await self._syncer.sync(self._commit_number())
 
     def _db(self) -> sqlite3.Connection:
@@ -264,7 +173,7 @@ class SqliteSpool:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise _write_error(exc) from exc
+            raise write_error(exc) from exc
         if committed is not None:
             committed(result)
         if durable:
@@ -353,50 +262,7 @@ class SqliteSpool:
         await self._write(delay, durable=False)
 
     async def record(self, result: CopyResult) -> Progress:
-        def update(db: sqlite3.Connection) -> Progress:
-            row = db.execute("SELECT message_id, headers FROM copies WHERE id = ?", (result.copy_id,)).fetchone()
-            if row is None:
-                return Progress.SENDING  # deleted with `queue delete` while it was being sent
-            message_id, headers = row
-            if result.delivered:
-                db.execute(
-                    "INSERT INTO sends (sent_at, recipients) VALUES (?, ?)", (result.sent_at, len(result.delivered))
-                )
-                db.execute("DELETE FROM sends WHERE sent_at < ?", (result.sent_at - _DAY,))
-            db.executemany(
-                "INSERT INTO failures (message_id, recipient, code, enhanced, text, headers) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (message_id, recipient, reply.code, reply.enhanced, reply.text, headers)
-                    for recipient, reply in result.failed
-                ],
-            )
-            if result.retry:
-                last = result.last_reply
-                db.execute(
-                    "UPDATE copies SET state = ?, recipients = ?, next_attempt = ?,"
-                    " last_code = ?, last_enhanced = ?, last_text = ?, attempts = attempts + ? WHERE id = ?",
-                    (
-                        CopyState.QUEUED,
-                        _lines(result.retry),
-                        result.next_attempt,
-                        *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
-                        int(result.counts_as_attempt),
-                        result.copy_id,
-                    ),
-                )
-                return Progress.SENDING
-            db.execute("DELETE FROM copies WHERE id = ?", (result.copy_id,))
-            left = db.execute("SELECT 1 FROM copies WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
-            if left is not None:
-                return Progress.SENDING
-            failed = db.execute("SELECT 1 FROM failures WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
-            if failed is not None:
-                return Progress.SETTLED
-            # Every copy delivered: nothing to bounce, so the message goes now, in the same commit.
-            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-            return Progress.DELIVERED
-
-        return await self._write(update, durable=False)
+        return await self._write(lambda db: _record(db, result), durable=False)
 
     async def next_due(self) -> float | None:
         def earliest(db: sqlite3.Connection) -> float | None:
@@ -565,3 +431,45 @@ def _failures(db: sqlite3.Connection, message_id: str) -> tuple[Failure, ...]:
             (message_id,),
         )
     )
+
+
+def _record(db: sqlite3.Connection, result: CopyResult) -> Progress:
+    row = db.execute("SELECT message_id, headers FROM copies WHERE id = ?", (result.copy_id,)).fetchone()
+    if row is None:
+        return Progress.SENDING  # deleted with `queue delete` while it was being sent
+    message_id, headers = row
+    if result.delivered:
+        db.execute("INSERT INTO sends (sent_at, recipients) VALUES (?, ?)", (result.sent_at, len(result.delivered)))
+        db.execute("DELETE FROM sends WHERE sent_at < ?", (result.sent_at - _DAY,))
+    db.executemany(
+        "INSERT INTO failures (message_id, recipient, code, enhanced, text, headers) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (message_id, recipient, reply.code, reply.enhanced, reply.text, headers)
+            for recipient, reply in result.failed
+        ],
+    )
+    if result.retry:
+        last = result.last_reply
+        db.execute(
+            "UPDATE copies SET state = ?, recipients = ?, next_attempt = ?,"
+            " last_code = ?, last_enhanced = ?, last_text = ?, attempts = attempts + ? WHERE id = ?",
+            (
+                CopyState.QUEUED,
+                _lines(result.retry),
+                result.next_attempt,
+                *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
+                int(result.counts_as_attempt),
+                result.copy_id,
+            ),
+        )
+        return Progress.SENDING
+    db.execute("DELETE FROM copies WHERE id = ?", (result.copy_id,))
+    left = db.execute("SELECT 1 FROM copies WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
+    if left is not None:
+        return Progress.SENDING
+    failed = db.execute("SELECT 1 FROM failures WHERE message_id = ? LIMIT 1", (message_id,)).fetchone()
+    if failed is not None:
+        return Progress.SETTLED
+    # Every copy delivered: nothing to bounce, so the message goes now, in the same commit.
+    db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+    return Progress.DELIVERED

@@ -17,7 +17,8 @@ import structlog
 
 from relay.admin.cli import main
 from relay.admin.queue import run_queue_command
-from relay.config.models import ConfigError, LoggingConfig, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, LoggingConfig
 from relay.logs import configure_logging
 from tests.conftest import USER_PASSWORD, UpstreamFactory
 from tests.spool_support import free_port, wait_until

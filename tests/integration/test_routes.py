@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from relay.admin.cli import main
-from relay.config.models import ConfigError, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError
 from tests.conftest import Upstream, UpstreamFactory
 
 CREDENTIALS = ("kay@gmail.test", "app password")

@@ -16,7 +16,8 @@ import pytest
 import structlog
 
 from relay.admin.cli import main
-from relay.config.models import ConfigError, OAuth2Config, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, OAuth2Config
 from relay.server import warn_about_secret_files
 from relay.upstream.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
 from tests.conftest import Upstream, UpstreamFactory, relay_config

@@ -11,7 +11,7 @@ import re
 import aiosmtpd
 import aiosmtpd.smtp
 
-from relay.smtp.listener import RelaySMTP
+from relay.smtp.protocol import RelaySMTP
 
 ASSIGNED = re.compile(r"self\.(_\w+)\s*(?::[^=\n]+)?=(?!=)")
 

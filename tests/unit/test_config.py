@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.models import ConfigError, PolicyConfig, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, PolicyConfig
 
 
 @pytest.fixture(autouse=True)

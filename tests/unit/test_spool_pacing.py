@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from relay.config.models import ENV_KEYS, ConfigError, load_config
+from relay.config.loading import ENV_KEYS, load_config
+from relay.config.models import ConfigError
 from relay.core.pacing import DAY, MAX_PACE, Pacer, RateLimiter, is_throttling, retry_delay
 
 
