@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.config.loading import load_config
 from relay.config.models import Config
 from relay.server import RelayServer
-from tests.oauth_server import TokenEndpoint
+from tests.support.oauth_server import TokenEndpoint
 
 LOOPBACK = "127.0.0.1"
 

@@ -19,7 +19,7 @@ from relay.core.line_length import MAX_LINE_OCTETS, longest_line
 from relay.core.message import parse_message
 from relay.core.policy import Action
 from relay.core.replies import RelayError
-from tests.unit.mailkit import run
+from tests.support.mailkit import run
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CORPUS_CANDIDATES = [

@@ -23,7 +23,7 @@ from relay.server import RelayServer
 from relay.spool.interface import NewMessage
 from relay.spool.sqlite import SqliteSpool
 from tests.conftest import RelayCertificate, relay_config
-from tests.spool_support import RelayProcess, wait_until
+from tests.support.spool import RelayProcess, wait_until
 
 MESSAGE = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\nbody\r\n"
 

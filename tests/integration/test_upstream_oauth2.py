@@ -21,7 +21,7 @@ from relay.config.models import ConfigError, OAuth2Config
 from relay.server import warn_about_secret_files
 from relay.upstream.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
 from tests.conftest import Upstream, UpstreamFactory, relay_config
-from tests.oauth_server import CLIENT_ID, TokenEndpoint
+from tests.support.oauth_server import CLIENT_ID, TokenEndpoint
 
 # The XOAUTH2 test upstream has no TLS, which aiosmtpd warns about; the relay's TLS is tested elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")

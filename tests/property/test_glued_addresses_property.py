@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from relay.core.policy import Action
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, run
+from tests.support.mailkit import SENDER, run
 
 RECIPIENTS = {"ann": "a.example", "bob": "b.example", "cara": "c.example", "dorte": "müller.example"}
 # Not From or Sender: an address there is the author's, which every copy shows by design.

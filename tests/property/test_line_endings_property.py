@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, run
+from tests.support.mailkit import SENDER, run
 
 ADDRESSES = [f"{name}@{domain}" for name in ("ann", "bob", "cyd", "dee") for domain in ("one.test", "two.example")]
 ENDINGS = {"crlf": b"\r\n", "lf": b"\n", "cr-cr-lf": b"\r\r\n", "lone-cr": b"\r"}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from relay.core.line_length import MAX_LINE_OCTETS, longest_line
 from relay.core.message import parse_message
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, run
+from tests.support.mailkit import SENDER, run
 
 RECIPIENTS = ["ann@one.test", "bob@two.test"]
 text_lines = st.lists(

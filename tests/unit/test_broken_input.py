@@ -8,7 +8,7 @@ from relay.core.addresses import mentioned_addresses, parse_address_list
 from relay.core.message import parse_message
 from relay.core.policy import Action
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
+from tests.support.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 

@@ -12,7 +12,7 @@ from relay.core.content import scan_content
 from relay.core.message import parse_message
 from relay.core.policy import Action
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
+from tests.support.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"
 

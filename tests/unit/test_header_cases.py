@@ -7,7 +7,7 @@ import pytest
 from relay.core.pipeline import PrivacyCheckFailed
 from relay.core.policy import Action
 from relay.core.replies import RelayError
-from tests.unit.mailkit import BODY, SENDER, addresses_in, copy_for, message, parsed, run
+from tests.support.mailkit import BODY, SENDER, addresses_in, copy_for, message, parsed, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"
 

@@ -9,7 +9,7 @@ from relay.core.leakcheck import LeakChecker
 from relay.core.message import parse_message
 from relay.core.pipeline import PrivacyCheckFailed
 from relay.core.policy import Action, Envelope, decide
-from tests.unit.mailkit import copy_for, message, run
+from tests.support.mailkit import copy_for, message, run
 
 PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo b@four.test", "jo@bücher.test"})
 # For the person's reading: an address glued to a quote, a slash or a field name is still an address.

@@ -12,7 +12,7 @@ import pytest
 
 from relay.core.line_length import longest_line
 from relay.core.replies import RelayError
-from tests.unit.mailkit import SENDER, copy_for, message, run
+from tests.support.mailkit import SENDER, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 LONG_TEXT = ("Grüße " * 400).encode() + b"=tail \t"  # 2,800 octets, with '=' and trailing whitespace
