@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from relay.config import Config, ConfigError
-from relay.delivery import recover_spool
-from relay.spool import SqliteSpool
+from relay.config.models import Config, ConfigError
+from relay.delivery.intake import recover_spool
+from relay.spool.sqlite import SqliteSpool
 
 if TYPE_CHECKING:
     from relay.console import ConsoleThread, UpstreamCheck

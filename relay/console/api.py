@@ -22,9 +22,9 @@ from relay.console.state import (
     state_of,
 )
 from relay.console.words import decision_words
-from relay.holding import RELEASE_CHOICES, CannotRelease, NotHeld, Settled
-from relay.preview import Preview
-from relay.spool import DEFERRED, QUEUED, SENDING, MessageHistory, MessageSummary, SpoolWriteError
+from relay.core.preview import Preview
+from relay.delivery.holding import RELEASE_CHOICES, CannotRelease, NotHeld, Settled
+from relay.spool.interface import CopyState, HistoryState, MessageHistory, MessageSummary, SpoolWriteError
 
 
 def iso_time(timestamp: float | None) -> str | None:
@@ -47,7 +47,7 @@ def message_json(entry: MessageHistory) -> dict[str, Any]:
                 "recipients": list(copy.recipients),
                 "state": copy.state,
                 "attempts": copy.attempts,
-                "last_reply": copy.last_reply,
+                "last_reply": None if copy.last_reply is None else copy.last_reply.render(),
                 "next_attempt_at": iso_time(copy.next_attempt),
             }
             for copy in entry.copies
@@ -55,8 +55,11 @@ def message_json(entry: MessageHistory) -> dict[str, Any]:
     }
 
 
-def queue_state(state: str, attempts: int) -> str:
-    return SENDING if state == SENDING else DEFERRED if attempts else QUEUED
+def queue_state(state: CopyState, attempts: int) -> HistoryState:
+    """A queued copy as the console names it: being sent, waiting for a retry (tried before), or queued."""
+    if state is CopyState.SENDING:
+        return HistoryState.SENDING
+    return HistoryState.DEFERRED if attempts else HistoryState.QUEUED
 
 
 def queue_json(summary: MessageSummary) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def queue_json(summary: MessageSummary) -> dict[str, Any]:
                 "state": queue_state(copy.state, copy.attempts),
                 "attempts": copy.attempts,
                 "next_attempt_at": iso_time(copy.next_attempt),
-                "last_reply": copy.last_reply,
+                "last_reply": None if copy.last_reply is None else copy.last_reply.render(),
             }
             for copy in summary.copies
         ],

@@ -12,11 +12,11 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from relay.activity import copies_word, local_time
 from relay.console import api, pages
 from relay.console.access import add_security_headers, guard, json_errors, refusal
 from relay.console.state import STATE, TEMPLATES, BadRequest, ConsoleState
 from relay.console.words import STATE_WORDS, decision_words
+from relay.core.activity import copies_word, local_time
 
 # Room for the multipart wrapping of an uploaded message of listen.max_message_size.
 _UPLOAD_OVERHEAD = 64 * 1024

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from relay.console.words import DECISIONS
-from relay.spool import BOUNCED, DEFERRED, DELIVERED, DELIVERY_SECONDS_BUCKETS, QUEUED, SENDING, SpoolMetrics
+from relay.spool.interface import DELIVERY_SECONDS_BUCKETS, HistoryState, SpoolMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -41,11 +41,11 @@ class _SpoolCollector(Collector):
         copies = CounterMetricFamily(
             "privacy_relay_copies", "Attempts to send a copy, by their result", labels=["result"]
         )
-        for result in (DELIVERED, DEFERRED, BOUNCED):
+        for result in (HistoryState.DELIVERED, HistoryState.DEFERRED, HistoryState.BOUNCED):
             copies.add_metric([result], counters.get(("copies_total", result), 0.0))
         yield copies
         queue = GaugeMetricFamily("privacy_relay_queue_copies", "Copies in the spool, by state", labels=["state"])
-        for state in (QUEUED, DEFERRED, SENDING):
+        for state in (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING):
             queue.add_metric([state], snapshot.queue_copies.get(state, 0))
         yield queue
         oldest = snapshot.oldest_received_at

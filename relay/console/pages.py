@@ -6,8 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.activity import copies_word
-from relay.config import Config
+from relay.config.models import Config
 from relay.console.state import (
     TEMPLATES,
     BadRequest,
@@ -21,8 +20,9 @@ from relay.console.state import (
     state_of,
 )
 from relay.console.words import DECISIONS
-from relay.holding import RELEASE_CHOICES, CannotRelease, NotHeld
-from relay.spool import HELD
+from relay.core.activity import copies_word
+from relay.delivery.holding import RELEASE_CHOICES, CannotRelease, NotHeld
+from relay.spool.interface import HeldState
 
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
@@ -94,7 +94,7 @@ async def held_confirm(request: web.Request) -> web.Response:
     message_id, step = request.match_info["id"], request.match_info["step"]
     entry = await spool_of(request).history_of(message_id)
     held = await spool_of(request).held_message(message_id)
-    if entry is None or held is None or held.state != HELD or step not in ("written", "discard"):
+    if entry is None or held is None or held.state is not HeldState.HELD or step not in ("written", "discard"):
         raise _back_to(request, "held", f"{message_id} is not held any more")
     return render(request, "confirm_held.html", entry=entry, step=step)
 

@@ -13,14 +13,15 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from relay.config import Config, is_loopback_host
+from relay.config.loading import is_loopback_host
+from relay.config.models import Config
 from relay.console.access import Access
 from relay.console.app import build_app
 from relay.console.metrics import ConsoleMetrics
 from relay.console.state import ConsoleState, UpstreamCheck
 from relay.console.token import load_or_create_token
-from relay.holding import Holding
-from relay.spool import SqliteSpool
+from relay.delivery.holding import Holding
+from relay.spool.sqlite import SqliteSpool
 
 # How often what the history keeps beyond console.history_days is purged.
 PURGE_INTERVAL = 3600.0

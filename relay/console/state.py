@@ -11,14 +11,14 @@ from email.utils import formatdate
 import jinja2
 from aiohttp import web
 
-from relay.config import Config
+from relay.config.models import Config
 from relay.console.access import Access
 from relay.console.metrics import ConsoleMetrics
 from relay.console.words import DECISIONS
-from relay.forwarder import ProbeStep
-from relay.holding import Holding
-from relay.preview import Preview, preview_message
-from relay.spool import MessageHistory, Spool
+from relay.core.preview import Preview, preview_message
+from relay.delivery.holding import Holding
+from relay.spool.interface import MessageHistory, Spool
+from relay.upstream.pool import ProbeStep
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -103,4 +103,6 @@ async def held_entries(request: web.Request) -> list[MessageHistory]:
 async def run_preview(state: ConsoleState, data: bytes, mail_from: str | None, rcpts: list[str]) -> Preview:
     # In a thread: a large message takes a while to parse, and the console's other requests go on.
     date = formatdate(localtime=True)
-    return await asyncio.to_thread(preview_message, state.config.policy, data, state.hostname, date, mail_from, rcpts)
+    return await asyncio.to_thread(
+        preview_message, state.config.policy.settings(), data, state.hostname, date, mail_from, rcpts
+    )

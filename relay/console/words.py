@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from relay.activity import REFUSED, copies_word
-from relay.policy import Action
-from relay.spool import BOUNCED, DEFERRED, DELIVERED, DISCARDED, HELD, QUEUED, SENDING, MessageHistory
+from relay.core.activity import REFUSED, copies_word
+from relay.core.policy import Action
+from relay.spool.interface import HistoryState, MessageHistory
 
 # Every decision a message can have, for the filter and for /metrics.
 DECISIONS = (*(action.value for action in Action if action is not Action.REJECT), REFUSED)
@@ -20,13 +20,13 @@ _DECISION_WORDS = {
 }
 
 STATE_WORDS = {
-    QUEUED: "waiting to be sent",
-    SENDING: "being sent",
-    DELIVERED: "sent",
-    DEFERRED: "waiting for a retry",
-    BOUNCED: "bounced",
-    DISCARDED: "discarded, not sent",
-    HELD: "held for review",
+    HistoryState.QUEUED: "waiting to be sent",
+    HistoryState.SENDING: "being sent",
+    HistoryState.DELIVERED: "sent",
+    HistoryState.DEFERRED: "waiting for a retry",
+    HistoryState.BOUNCED: "bounced",
+    HistoryState.DISCARDED: "discarded, not sent",
+    HistoryState.HELD: "held for review",
 }
 
 

@@ -19,7 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import Upstream
 from tests.e2e.test_serve import upstream_settings
-from tests.spool_support import wait_until
+from tests.support.spool import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TEAM = ["ann@families.test", "bob@families.test", "cy@parents.test", "dee@parents.test"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOOPBACK, UpstreamFactory
-from tests.console_support import ConsoleClient, send
 from tests.integration.test_console import metric
-from tests.spool_support import RelayProcess, wait_until
+from tests.support.console import ConsoleClient, send
+from tests.support.spool import RelayProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 TEAM = ["ann@families.test", "bob@families.test", "cy@parents.test"]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import http.client
 import re
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError
 from relay.console.access import SECURITY_HEADERS, SESSION_COOKIE
 from tests.conftest import Upstream
-from tests.console_support import ConsoleClient, RunningConsole, send
-from tests.spool_support import wait_until
+from tests.support.console import ConsoleClient, RunningConsole, send
+from tests.support.spool import wait_until
 
 TEAM = ["ann@families.test", "bob@families.test", "cy@parents.test"]
 
@@ -273,26 +275,21 @@ def test_healthz_needs_no_token_and_turns_503_when_the_relay_stops_accepting(sta
     assert down.json()["problems"] == ["the relay is not accepting mail"]
 
 
-def test_healthz_is_503_when_the_spool_cannot_be_written(start_console, tmp_path: Path) -> None:
+def test_healthz_is_503_when_the_spool_cannot_be_written(
+    start_console, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     running = start_console()
-    database = tmp_path / "spool" / "spool.db"
-    import sqlite3
-
-    blocker = sqlite3.connect(database, isolation_level=None)
+    monkeypatch.setattr("relay.spool.sqlite.BUSY_TIMEOUT", 0.2)  # the probe gives up quickly
+    blocker = sqlite3.connect(tmp_path / "spool" / "spool.db", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # as a stuck process would: nobody else can write
     try:
-        import relay.spool
-
-        relay.spool.BUSY_TIMEOUT, saved = 0.2, relay.spool.BUSY_TIMEOUT
-        try:
-            down = running.client.get("/healthz", bearer=False)
-        finally:
-            relay.spool.BUSY_TIMEOUT = saved
+        down = running.client.get("/healthz", bearer=False)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert down.status == 503
     assert down.json()["problems"][0].startswith("the spool cannot be written")
+    assert running.client.get("/healthz", bearer=False).status == 200
 
 
 def metric(text: str, name: str) -> float:
@@ -330,7 +327,7 @@ def test_metrics_after_known_traffic(start_console, upstream: Upstream) -> None:
 
 
 def test_metrics_say_when_the_upstream_is_down(start_console, upstream: Upstream) -> None:
-    from tests.spool_support import free_port
+    from tests.support.spool import free_port
 
     running = start_console(
         RELAY_UPSTREAM_HOST="127.0.0.1", RELAY_UPSTREAM_PORT=str(free_port()), RELAY_UPSTREAM_TLS="none", **SLOW_RETRIES

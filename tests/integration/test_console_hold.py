@@ -12,9 +12,9 @@ from pathlib import Path
 from urllib.parse import unquote_plus
 
 from tests.conftest import Upstream
-from tests.console_support import ConsoleClient, RunningConsole, send
 from tests.integration.test_console import TEAM, browser_session, metric
-from tests.spool_support import wait_until
+from tests.support.console import ConsoleClient, RunningConsole, send
+from tests.support.spool import wait_until
 
 HOLD = {"RELAY_POLICY_ACTION": "hold"}
 

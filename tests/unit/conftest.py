@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import SqliteSpool
+from relay.spool.sqlite import SqliteSpool
 
 
 @pytest.fixture

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from relay.activity import MessageRecord
-from relay.spool import (
-    DISCARDED,
-    HELD,
-    RELEASED,
+from relay.core.activity import MessageRecord
+from relay.core.policy import CopyKind
+from relay.core.replies import Reply
+from relay.core.rewrite import OutgoingCopy
+from relay.spool.interface import (
     CopyResult,
     HeldMessage,
-    NewCopy,
+    HeldState,
     NewMessage,
-    SqliteSpool,
 )
+from relay.spool.sqlite import SqliteSpool
 
+TWO = ("a@x.test", "b@y.test")
+BUSY = Reply(451, "4.2.2", "busy")
 RECORD = MessageRecord("s@x.test", "Team news", ("a@x.test", "b@y.test"), "split", "2 visible in To")
 
 
@@ -25,7 +27,10 @@ def message(message_id: str, received_at: float = 1000.0, record: MessageRecord 
         mail_from="s@x.test",
         smtputf8=False,
         body=b"Hi\r\n",
-        copies=tuple(NewCopy((r,), "single", f"To: {r}\r\n\r\n".encode()) for r in ("a@x.test", "b@y.test")),
+        copies=tuple(
+            OutgoingCopy((r,), CopyKind.SINGLE, f"To: {r}\r\n\r\n".encode(), b"Hi\r\n")
+            for r in ("a@x.test", "b@y.test")
+        ),
         received_at=received_at,
         record=record,
     )
@@ -34,20 +39,22 @@ def message(message_id: str, received_at: float = 1000.0, record: MessageRecord 
 def held(message_id: str, received_at: float = 1000.0) -> HeldMessage:
     trace = {"helo": "h", "peer": "[127.0.0.1]", "protocol": "ESMTP", "date": "d", "message_id": "<m@h>"}
     data = b"To: a@x.test, b@y.test\r\n\r\nHi\r\n"
-    return HeldMessage(message_id, "s@x.test", ("a@x.test", "b@y.test"), False, received_at, trace, HELD, data)
+    return HeldMessage(
+        message_id, "s@x.test", ("a@x.test", "b@y.test"), False, received_at, trace, HeldState.HELD, data
+    )
 
 
 async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool: SqliteSpool) -> None:
     copy_ids = await spool.store(message("M1"))
     await spool.record(CopyResult(copy_ids[0], delivered=("a@x.test",), sent_at=1002.0))
     await spool.record(
-        CopyResult(copy_ids[1], retry=("b@y.test",), next_attempt=1060.0, last_reply="451 4.2.2 busy", sent_at=1002.0)
+        CopyResult(copy_ids[1], retry=("b@y.test",), next_attempt=1060.0, last_reply=BUSY, sent_at=1002.0)
     )
     (entry,) = await spool.history(10)
     assert entry.record == RECORD
     assert [(c.state, c.attempts, c.last_reply, c.next_attempt) for c in entry.copies] == [
         ("delivered", 1, None, None),
-        ("deferred", 1, "451 4.2.2 busy", 1060.0),
+        ("deferred", 1, BUSY, 1060.0),
     ]
     metrics = await spool.metrics()
     assert metrics.counters[("messages_total", "split")] == 1
@@ -91,12 +98,12 @@ async def test_a_held_message_is_settled_once(spool: SqliteSpool) -> None:
     assert [m.id for m in await spool.held_messages()] == ["H1"]
     assert (await spool.metrics()).held == 1
     released = message("H1", record=None)
-    assert await spool.settle_held("H1", RELEASED, released, dataclasses.replace(RECORD, reason="released"))
-    assert not await spool.settle_held("H1", RELEASED, released, None)
-    assert not await spool.settle_held("H1", DISCARDED, None, None)
+    assert await spool.settle_held("H1", HeldState.RELEASED, released, dataclasses.replace(RECORD, reason="released"))
+    assert not await spool.settle_held("H1", HeldState.RELEASED, released, None)
+    assert not await spool.settle_held("H1", HeldState.DISCARDED, None, None)
     assert len(await spool.summaries()) == 1, "released once: one message in the queue"
     found = await spool.held_message("H1")
-    assert found is not None and found.state == RELEASED and found.data == b""
+    assert found is not None and found.state is HeldState.RELEASED and found.data == b""
     entry = await spool.history_of("H1")
     assert entry is not None and entry.record.reason == "released"
     assert [c.state for c in entry.copies] == ["queued", "queued"]
