@@ -244,3 +244,18 @@ def test_compose_example_starts_the_relay_for_the_app_network(tmp_path: Path) ->
     assert set(config.listen.allowed_networks) >= {"127.0.0.1/32", subnet}
     assert config.upstream_password is not None
     assert config.upstream_password.get_secret_value() == "app password"
+
+
+def test_the_readme_stays_a_guide_of_under_400_lines() -> None:
+    assert len(README.read_text(encoding="utf-8").splitlines()) < 400
+
+
+@pytest.mark.parametrize("created", ["outbox/copy.eml", "spool/spool.db"])
+def test_git_ignores_what_the_quick_start_creates(created: str) -> None:
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", created], cwd=ROOT, check=False)
+    assert ignored.returncode == 0
+
+
+def test_git_still_sees_the_relays_own_spool_package() -> None:
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", "relay/spool/sqlite.py"], cwd=ROOT)
+    assert ignored.returncode == 1
