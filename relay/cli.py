@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from email.utils import formatdate
 from pathlib import Path
 
-from relay import __version__
+from relay import __version__, guided_setup
 from relay.addresses import parse_address_list
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
 from relay.errors import SmtpReply
@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
             help="YAML config file (default: ./config/relay.yaml if it exists, else built-in defaults)",
         )
 
+    setup = commands.add_parser(
+        "setup",
+        help="answer a few questions to set up your provider; writes the config",
+        description="Asks for your provider, address and password (each also a flag; with all given it asks "
+        "nothing), writes the config and a password file (mode 0600), tests the login as `check` does, and "
+        "shows the settings for your mail program.",
+    )
+    guided_setup.add_arguments(setup)
     serve = commands.add_parser("serve", help="run the relay", description="Run the relay.")
     config_option(serve)
     check = commands.add_parser(
@@ -353,6 +361,9 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "setup":
+        # It writes the config, so it does not read one that may not exist yet (or is being replaced).
+        return guided_setup.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
