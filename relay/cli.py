@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from email.utils import formatdate
 from pathlib import Path
 
-from relay import __version__, guided_setup
+from relay import __version__, guided_setup, service_unit
 from relay.addresses import parse_address_list
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig, load_config
 from relay.errors import SmtpReply
@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         "shows the settings for your mail program.",
     )
     guided_setup.add_arguments(setup)
+    service = commands.add_parser(
+        "service",
+        help="start the relay when you log in (install), or no longer (uninstall)",
+        description="Install or remove a systemd user unit (Linux, WSL) or a launchd agent (macOS) that runs "
+        "`privacy-relay serve` in this folder when you log in.",
+    )
+    service_unit.add_arguments(service)
     serve = commands.add_parser("serve", help="run the relay", description="Run the relay.")
     config_option(serve)
     check = commands.add_parser(
@@ -364,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "setup":
         # It writes the config, so it does not read one that may not exist yet (or is being replaced).
         return guided_setup.run(args)
+    if args.command == "service":
+        return service_unit.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
