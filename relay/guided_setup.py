@@ -270,6 +270,11 @@ def _gather(args: argparse.Namespace, questions: Questions, read_stdin: Callable
     if provider.name == "microsoft365":
         login = questions.ask("Log in with oauth2 or password", _login, args.login, "--login", "oauth2")
         if login == "oauth2":
+            if questions.interactive and args.oauth2_client_id is None:
+                print(
+                    "OAuth2 needs an app registration in your tenant, made once by an administrator: "
+                    "docs/office-relay.md, section Microsoft 365, has the four steps."
+                )
             client_id = questions.ask(
                 "Client ID of your app registration", _not_empty, args.oauth2_client_id, "--oauth2-client-id"
             )
@@ -305,7 +310,7 @@ def _config_text(answers: Answers) -> bytes:
         settings = {"upstream": upstream}
     written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
-        f"# Written by `privacy-relay setup` ({answers.provider.title}) on {written}.\n"
+        f"# Written by `privacy-relay setup --provider {answers.provider.name}` on {written}.\n"
         "# Every key, its default and its environment variable: docs/configuration.md\n"
     )
     return (header + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)).encode()
