@@ -403,12 +403,12 @@ def run(args: argparse.Namespace) -> int:
             if config.upstream.uses_oauth2:
                 ready = _sign_in(answers)
             ready = ready and _check_login(answers, questions)
-    except SetupError as exc:
+    except (SetupError, ConfigError) as exc:
         print(f"privacy-relay setup: {exc}", file=sys.stderr)
         return 2
-    except ConfigError as exc:
-        print(f"privacy-relay setup: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        print(f"privacy-relay setup: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, EOFError):
         print("\nSet-up stopped. Files already written are complete; nothing is half-written.", file=sys.stderr)
         return 130
