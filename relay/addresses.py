@@ -333,8 +333,8 @@ def format_mailbox(mailbox: Mailbox) -> str:
     return f"{encoded} <{mailbox.address}>"
 
 
-def fold_field(name: str, items: list[str], line_ending: bytes) -> bytes:
+def fold_field(name: str, items: list[str]) -> bytes:
     """A header field listing items, one per line when there are several, as bytes."""
-    separator = "," + line_ending.decode("ascii") + " "
+    separator = ",\r\n "
     # surrogateescape: 8-bit header bytes that were not UTF-8 go back out exactly as they came.
-    return f"{name}: {separator.join(items)}".encode("utf-8", "surrogateescape") + line_ending
+    return f"{name}: {separator.join(items)}".encode("utf-8", "surrogateescape") + b"\r\n"

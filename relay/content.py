@@ -37,7 +37,7 @@ class ContentFindings:
 
 
 @dataclass(frozen=True, slots=True)
-class _ContentType:
+class ContentType:
     mime_type: str
     parameters: dict[str, str]
 
@@ -52,24 +52,24 @@ def _parameters(value: str) -> dict[str, str]:
     return parameters
 
 
-def _first(fields: tuple[HeaderField, ...], key: str, default: str = "") -> str:
+def first_value(fields: tuple[HeaderField, ...], key: str, default: str = "") -> str:
     return next((f.value for f in fields if f.key == key), default)
 
 
-def _content_type(fields: tuple[HeaderField, ...]) -> _ContentType:
-    value = _first(fields, "content-type", "text/plain")
-    return _ContentType(value.partition(";")[0].strip().lower(), _parameters(value))
+def content_type_of(fields: tuple[HeaderField, ...]) -> ContentType:
+    value = first_value(fields, "content-type", "text/plain")
+    return ContentType(value.partition(";")[0].strip().lower(), _parameters(value))
 
 
-def _file_names(fields: tuple[HeaderField, ...], content_type: _ContentType) -> list[str]:
+def _file_names(fields: tuple[HeaderField, ...], content_type: ContentType) -> list[str]:
     """The part's file names, from Content-Type name and Content-Disposition filename (RFC 2231 forms too)."""
-    disposition = _parameters(_first(fields, "content-disposition"))
+    disposition = _parameters(first_value(fields, "content-disposition"))
     candidates = [*content_type.parameters.items(), *disposition.items()]
     return [value.lower() for key, value in candidates if key.rstrip("*") in ("name", "filename")]
 
 
 def _decoded(data: bytes, fields: tuple[HeaderField, ...]) -> bytes:
-    encoding = _first(fields, "content-transfer-encoding").lower()
+    encoding = first_value(fields, "content-transfer-encoding").lower()
     try:
         if encoding == "base64":
             return binascii.a2b_base64(data)
@@ -89,7 +89,7 @@ def _attendees(calendar: bytes) -> set[str]:
     return found
 
 
-def _parts(body: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+def body_parts(body: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
     """(start, end) of each body part between the delimiter lines of a multipart (RFC 2046 5.1.1)."""
     delimiter = b"--" + boundary
     spans: list[tuple[int, int]] = []
@@ -123,7 +123,7 @@ class _Found:
     tnef: bool = False
 
 
-def _part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField, ...], int]:
+def part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField, ...], int]:
     """A body part's header fields and where its content starts."""
     if body.startswith((b"\r\n", b"\n"), start, end):
         return (), body.find(b"\n", start, end) + 1
@@ -136,7 +136,7 @@ def _part_headers(body: bytes, start: int, end: int) -> tuple[tuple[HeaderField,
 
 
 def _scan(body: bytes, start: int, end: int, fields: tuple[HeaderField, ...], depth: int, found: _Found) -> None:
-    content_type = _content_type(fields)
+    content_type = content_type_of(fields)
     names = _file_names(fields, content_type)
     if content_type.mime_type in TNEF_TYPES or any(name.endswith("winmail.dat") for name in names):
         found.tnef = True
@@ -146,8 +146,8 @@ def _scan(body: bytes, start: int, end: int, fields: tuple[HeaderField, ...], de
         boundary = content_type.parameters.get("boundary")
         if not boundary:
             return
-        for part_start, part_end in _parts(body, start, end, boundary.encode("utf-8", "surrogateescape")):
-            part_fields, content_start = _part_headers(body, part_start, part_end)
+        for part_start, part_end in body_parts(body, start, end, boundary.encode("utf-8", "surrogateescape")):
+            part_fields, content_start = part_headers(body, part_start, part_end)
             _scan(body, content_start, part_end, part_fields, depth + 1, found)
 
 

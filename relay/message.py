@@ -1,4 +1,4 @@
-"""Splitting a message's bytes into header fields and a body, keeping every byte as it came.
+"""Splitting a message's bytes into header fields and a body, keeping every byte as it came but line endings.
 
 Pure: no I/O. The body is sliced out once and shared by every outgoing copy.
 """
@@ -11,14 +11,17 @@ from dataclasses import dataclass
 from relay.errors import SmtpReply
 
 MAX_HEADER_BYTES = 1_048_576
+CRLF = b"\r\n"
 # RFC 5322 field-name: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+# A line ends at LF; CRs just before it belong to the ending (CR CR LF is one line end, as Postfix reads it).
+_LINE_END = re.compile(rb"\r*\n")
 # A field naming recipients, found below a line that ended the header section early.
 _ADDRESS_FIELD_LINE = re.compile(
     rb"^(?:to|cc|bcc|resent-to|resent-cc|resent-bcc|reply-to|mail-followup-to)[ \t]*:", re.IGNORECASE | re.MULTILINE
 )
-_PARAGRAPH_END = re.compile(rb"\r?\n\r?\n")
+_PARAGRAPH_END = re.compile(rb"\r\n\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,6 @@ class HeaderField:
 class ParsedMessage:
     fields: tuple[HeaderField, ...]
     body: bytes
-    line_ending: bytes
     # True when the header section ended at a line that is not a header field instead of at a
     # blank line; the blank line is put back when the message is written out.
     missing_blank_line: bool = False
@@ -62,10 +64,26 @@ def _malformed(text: str) -> SmtpReply:
     return SmtpReply(550, "5.6.0", text)
 
 
+def _crlf_line_ends(data: bytes) -> bytes:
+    """data with every LF, and the CRs just before it, as one CRLF (data itself if it has no other ending)."""
+    crlf = data.count(CRLF)
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return _LINE_END.sub(CRLF, data)
+
+
 def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> ParsedMessage:
-    """Split data into header fields and body. Refuses, as an SmtpReply, what cannot be parsed safely."""
+    """Split data into header fields and body, every line ending as CRLF. Refuses, as an SmtpReply, what
+    cannot be parsed safely.
+
+    Line endings are read as the sender meant them: LF, CRLF and CR CR LF each end one line (a header field
+    never becomes body text because of a doubled CR). A CR that ends no line is refused in the header
+    section, where it could hide a line end from one reader and not another; in the body it becomes CRLF:
+    a bare <LF>.<LF> or <CR>.<CR> left in a copy could end DATA at a laxer upstream and smuggle a second
+    message, so the relay checks and sends the same lines any upstream will see.
+    """
+    data = _crlf_line_ends(data)
     first_newline = data.find(b"\n")
-    line_ending = b"\r\n" if first_newline > 0 and data[first_newline - 1] == 0x0D else b"\n"
     fields: list[HeaderField] = []
     current_name: str | None = None
     current_start = 0
@@ -89,13 +107,16 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
                 f"the header section is larger than {max_header_bytes} bytes; "
                 "this relay refuses it rather than risk missing an address in it",
             )
-        if line in (b"\r\n", b"\n"):
+        if line == CRLF:
             last_field_end, body_start = position, line_end
             break
         if b"\x00" in line:
             raise _malformed(f"header line {len(fields) + 1} contains a NUL byte; fix the sending program")
-        if _BARE_CR.search(line.rstrip(b"\r\n")):
-            raise _malformed(f"header line {len(fields) + 1} contains a bare carriage return; fix the sending program")
+        if _BARE_CR.search(line.removesuffix(CRLF)):
+            raise _malformed(
+                f"header line {len(fields) + 1} contains a bare carriage return (a CR that does not end "
+                "the line), so where the line ends is unclear; fix the sending program"
+            )
         if line[:1] in (b" ", b"\t"):
             if current_name is None:
                 raise _malformed("the message starts with a folded line instead of a header field")
@@ -125,16 +146,18 @@ def parse_message(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Pars
     if current_name is not None:
         raw = data[current_start:last_field_end]
         if not raw.endswith(b"\n"):
-            raw += line_ending
+            raw += CRLF
         fields.append(HeaderField(current_name, raw))
+    body = data[body_start:]
+    if b"\r" in body and body.count(b"\r") != body.count(CRLF):
+        body = _BARE_CR.sub(CRLF, body)
     return ParsedMessage(
         fields=tuple(fields),
-        body=data[body_start:],
-        line_ending=line_ending,
+        body=body,
         missing_blank_line=missing_blank_line,
     )
 
 
-def serialize(fields: list[bytes] | tuple[bytes, ...], line_ending: bytes) -> bytes:
+def serialize(fields: list[bytes] | tuple[bytes, ...]) -> bytes:
     """The header section of an outgoing copy, ending in the blank line before the body."""
-    return b"".join(fields) + line_ending
+    return b"".join(fields) + CRLF

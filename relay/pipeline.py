@@ -5,11 +5,12 @@ Pure: the listener and `privacy-relay preview` both call prepare(); neither dupl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.config import PolicyConfig
 from relay.errors import SmtpReply
 from relay.leakcheck import Leak, LeakChecker
+from relay.line_length import fit_line_length, fold_long_header_lines
 from relay.message import parse_message
 from relay.policy import Decision, Envelope, decide
 from relay.rewrite import OutgoingCopy, TraceInfo, build_copies
@@ -19,12 +20,18 @@ class PrivacyCheckFailed(SmtpReply):
     """A rewritten copy still named another protected recipient: nothing is sent."""
 
     def __init__(self, leak: Leak, decision: Decision) -> None:
+        where = (
+            f"the text of the message starts with lines that look like header fields ({leak.field}), which "
+            "would show one to another recipient. Remove other recipients' addresses from the top of the text"
+            if leak.in_body
+            else f"the {leak.field} header would still show one to another recipient. Remove other "
+            f"recipients' addresses from {leak.field}"
+        )
         super().__init__(
             554,
             "5.7.1",
-            f"Not sent: privacy-relay could not hide every recipient's address: the {leak.field} "
-            "header would still show one to another recipient. Remove other recipients' addresses "
-            f"from {leak.field} (or put the recipients in Bcc) and send it again.",
+            f"Not sent: privacy-relay could not hide every recipient's address: {where} "
+            "(or put the recipients in Bcc) and send it again.",
         )
         self.leak = leak
         self.decision = decision
@@ -48,12 +55,17 @@ def prepare(
     decision = decide(envelope, message, policy)
     if decision.rejection is not None:
         raise decision.rejection
-    copies = build_copies(message, decision, trace, message_id)
+    # Re-encoded (if a line is too long) once, before the copies share the body.
+    message = fit_line_length(message)
+    copies = [
+        replace(copy, headers=fold_long_header_lines(copy.headers))
+        for copy in build_copies(message, decision, trace, message_id)
+    ]
     checker = LeakChecker(decision.protected)
     for plan, copy in zip(decision.copies, copies, strict=True):
         if not plan.leak_checked:
             continue
-        leak = checker.find(copy.headers, plan.may_show)
+        leak = checker.find(copy.headers, plan.may_show, copy.body)
         if leak is not None:
             raise PrivacyCheckFailed(leak, decision)
     return Prepared(decision, copies)

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
-from relay.message import HeaderField, ParsedMessage, serialize
+from relay.leakcheck import LeakChecker
+from relay.message import CRLF, HeaderField, ParsedMessage, serialize
 from relay.policy import REMOVED_FIELDS, CopyPlan, Decision
 
 # Removed from every copy, as Postfix's cleanup does with Bcc: they name hidden recipients.
@@ -89,8 +90,8 @@ class _FieldFacts:
     protected_items: Mapping[str, list[tuple[int, str]]]
 
 
-def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: bytes) -> bytes:
-    eol = line_ending.decode("ascii")
+def _received_field(trace: TraceInfo, recipients: tuple[str, ...]) -> bytes:
+    eol = "\r\n"
     text = (
         f"Received: from {trace.helo} ({trace.peer}){eol}\tby {trace.hostname} (privacy-relay) "
         f"with {trace.protocol} id {trace.queue_id}"
@@ -102,7 +103,7 @@ def _received_field(trace: TraceInfo, recipients: tuple[str, ...], line_ending: 
     return f"{text}; {trace.date}{eol}".encode("utf-8", "surrogateescape")
 
 
-def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str], eol: bytes) -> bytes | None:
+def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str]) -> bytes | None:
     if not facts.mentions - may_show:
         return facts.field.raw
     kept = list(facts.kept_by_all)
@@ -111,7 +112,7 @@ def _filtered_reply_field(facts: _FieldFacts, may_show: frozenset[str], eol: byt
             bisect.insort(kept, item)
     if not kept:
         return None
-    return fold_field(facts.field.name, [text for _, text in kept], eol)
+    return fold_field(facts.field.name, [text for _, text in kept])
 
 
 def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset[str]) -> Mailbox:
@@ -121,14 +122,18 @@ def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset
     return mailbox
 
 
-def _reply_item(mailbox: Mailbox, protected: frozenset[str]) -> str | None:
+def _reply_item(mailbox: Mailbox, protected: frozenset[str], reader: LeakChecker) -> str | None:
     """A reply-field mailbox as written, without a display name naming another protected address;
-    None when even its bare address does (junk such as =?utf-8?q?bob@example.com?=)."""
-    own = {mailbox.key}
+    None when even its bare address does (junk such as =?utf-8?q?bob@example.com?= or bob@example.com--x)."""
+    own = frozenset({mailbox.key})
+
+    def shows_another(text: str) -> bool:
+        return bool((mentioned_addresses(text) & protected) - own or reader.keys_in("", text, own))
+
     text = format_mailbox(mailbox)
-    if (mentioned_addresses(text) & protected) - own:
+    if shows_another(text):
         text = mailbox.address
-        if (mentioned_addresses(text) & protected) - own:
+        if shows_another(text):
             return None
     return text
 
@@ -141,6 +146,8 @@ def _without_tag(field: HeaderField, tag: str) -> bytes:
 
 
 def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFacts]:
+    # The leak check's reading too, so that a field it would refuse is dropped or filtered here instead.
+    reader = LeakChecker(protected)
     facts = []
     for header in message.fields:
         if header.key in REPLY_FIELDS:
@@ -150,17 +157,22 @@ def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFact
             for position, mailbox in enumerate(parse_address_list(header.value)):
                 key = mailbox.key
                 keys.add(key)
-                text = _reply_item(mailbox, protected)
+                text = _reply_item(mailbox, protected, reader)
                 if text is None:
                     continue
                 if key in protected:
                     protected_items.setdefault(key, []).append((position, text))
                 else:
                     kept_by_all.append((position, text))
-            mentions = frozenset((keys | mentioned_addresses(header.value)) & protected)
+            mentions = frozenset((keys | mentioned_addresses(header.value)) & protected) | reader.keys_in(
+                header.name, header.value
+            )
             facts.append(_FieldFacts(header, mentions, tuple(kept_by_all), protected_items))
         elif is_trace_field(header.key):
-            facts.append(_FieldFacts(header, frozenset(mentioned_addresses(header.value) & protected), (), {}))
+            mentions = frozenset(mentioned_addresses(header.value) & protected) | reader.keys_in(
+                header.name, header.value
+            )
+            facts.append(_FieldFacts(header, mentions, (), {}))
         else:
             facts.append(_FieldFacts(header, frozenset(), (), {}))
     return facts
@@ -173,12 +185,10 @@ def _original_headers(message: ParsedMessage, decision: Decision, added: list[by
         if field.key in ALWAYS_REMOVED or (tag and field.key in SIGNATURE_FIELDS):
             continue
         out.append(_without_tag(field, tag) if tag and field.key == "subject" else field.raw)
-    return serialize(out, message.line_ending)
+    return serialize(out)
 
 
-def _rewritten_headers(
-    facts: list[_FieldFacts], eol: bytes, decision: Decision, plan: CopyPlan, added: list[bytes]
-) -> bytes:
+def _rewritten_headers(facts: list[_FieldFacts], decision: Decision, plan: CopyPlan, added: list[bytes]) -> bytes:
     out: list[bytes] = list(added)
     to_written = False
     resent_block: set[str] = set()
@@ -197,14 +207,14 @@ def _rewritten_headers(
             continue
         if key in RECIPIENT_FIELDS:
             if not to_written:
-                out.extend(_recipient_fields(decision, plan, eol))
+                out.extend(_recipient_fields(decision, plan))
                 to_written = True
         elif key in RESENT_RECIPIENT_FIELDS:
             if not resent_written:
-                out.append(fold_field("Resent-To", _visible_items(decision, plan, ()), eol))
+                out.append(fold_field("Resent-To", _visible_items(decision, plan, ())))
                 resent_written = True
         elif key in REPLY_FIELDS:
-            kept = _filtered_reply_field(fact, plan.may_show, eol)
+            kept = _filtered_reply_field(fact, plan.may_show)
             if kept is not None:
                 out.append(kept)
         elif is_trace_field(key):
@@ -213,8 +223,8 @@ def _rewritten_headers(
         else:
             out.append(field.raw)
     if not to_written:
-        out.extend(_recipient_fields(decision, plan, eol))
-    return serialize(out, eol)
+        out.extend(_recipient_fields(decision, plan))
+    return serialize(out)
 
 
 def _visible_items(decision: Decision, plan: CopyPlan, extra: tuple[Mailbox, ...]) -> list[str]:
@@ -224,12 +234,12 @@ def _visible_items(decision: Decision, plan: CopyPlan, extra: tuple[Mailbox, ...
     return items or [UNDISCLOSED]
 
 
-def _recipient_fields(decision: Decision, plan: CopyPlan, eol: bytes) -> list[bytes]:
+def _recipient_fields(decision: Decision, plan: CopyPlan) -> list[bytes]:
     in_to = tuple(m for name, m in decision.always_visible if name == "to")
     in_cc = tuple(m for name, m in decision.always_visible if name == "cc")
-    fields = [fold_field("To", _visible_items(decision, plan, in_to), eol)]
+    fields = [fold_field("To", _visible_items(decision, plan, in_to))]
     if in_cc:
-        fields.append(fold_field("Cc", [format_mailbox(m) for m in in_cc], eol))
+        fields.append(fold_field("Cc", [format_mailbox(m) for m in in_cc]))
     return fields
 
 
@@ -240,18 +250,17 @@ def build_copies(
     message_id: str,
 ) -> list[OutgoingCopy]:
     """One OutgoingCopy per CopyPlan, in the same order, each with its own header bytes and the shared body."""
-    eol = message.line_ending
     missing: list[bytes] = []
     if not message.get_all("message-id"):
-        missing.append(b"Message-ID: " + message_id.encode("ascii") + eol)
+        missing.append(b"Message-ID: " + message_id.encode("ascii") + CRLF)
     if not message.get_all("date"):
-        missing.append(b"Date: " + trace.date.encode("ascii") + eol)
+        missing.append(b"Date: " + trace.date.encode("ascii") + CRLF)
     facts = _facts(message, decision.protected) if any(p.is_rewritten for p in decision.copies) else []
     copies = []
     for plan in decision.copies:
-        added = [_received_field(trace, plan.recipients, eol), *missing]
+        added = [_received_field(trace, plan.recipients), *missing]
         if plan.is_rewritten:
-            headers = _rewritten_headers(facts, eol, decision, plan, added)
+            headers = _rewritten_headers(facts, decision, plan, added)
         else:
             headers = _original_headers(message, decision, added)
         copies.append(OutgoingCopy(plan.recipients, plan.kind, headers, message.body))
