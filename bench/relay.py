@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 from bench.procs import LOOPBACK, free_port, kill_session, start_session, wait_for_greeting
-from relay.config import Config, DeliveryConfig, ListenConfig
+from relay.config.models import Config, DeliveryConfig, ListenConfig
 
 
 def delivery_modes() -> tuple[str, ...]:

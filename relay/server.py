@@ -17,21 +17,18 @@ from typing import Any
 
 import structlog
 
-from relay.auth import Authenticator, FailedLoginLockout
-from relay.config import Config, ConfigError, ListenConfig, UpstreamConfig
-from relay.delivery import (
-    Destination,
-    DirectDelivery,
-    OutboxDestination,
-    SpooledDelivery,
-    UpstreamDestination,
-)
-from relay.forwarder import UpstreamPool
-from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
-from relay.oauth import AccessTokens
-from relay.passthrough import PassthroughLogins
-from relay.spool import SqliteSpool
-from relay.users import AccountsFile, UsersFileError, readable_by_others
+from relay.config.models import Config, ConfigError, ListenConfig, UpstreamConfig
+from relay.delivery.destinations import Destination, OutboxDestination, UpstreamDestination
+from relay.delivery.direct import DirectDelivery
+from relay.delivery.intake import SpooledDelivery
+from relay.delivery.passthrough import PassthroughLogins
+from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
+from relay.smtp.auth import Authenticator, FailedLoginLockout
+from relay.smtp.listener import ConnectionSlots, RelayHandler
+from relay.smtp.protocol import RelaySMTP
+from relay.spool.sqlite import SqliteSpool
+from relay.upstream.oauth import AccessTokens
+from relay.upstream.pool import UpstreamPool
 from relay.workers import ConnectionReceiver, supervise
 
 # Settings a running relay cannot take over on SIGHUP: they need a restart.

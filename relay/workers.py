@@ -23,9 +23,9 @@ from typing import Any
 
 import structlog
 
-from relay.config import Config
-from relay.delivery import recover_spool
-from relay.spool import SqliteSpool
+from relay.config.models import Config
+from relay.delivery.intake import recover_spool
+from relay.spool.sqlite import SqliteSpool
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from relay.addresses import normalize_address, parse_address_list
-from relay.errors import SmtpReply
-from relay.line_length import MAX_LINE_OCTETS, longest_line
-from relay.message import parse_message
-from relay.policy import Action
-from tests.unit.mailkit import run
+from relay.core.addresses import normalize_address, parse_address_list
+from relay.core.line_length import MAX_LINE_OCTETS, longest_line
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import run
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CORPUS_CANDIDATES = [
@@ -69,7 +69,7 @@ def _envelope(data: bytes) -> tuple[str, list[str]]:
     """What `privacy-relay preview` assumes: From as sender, To/Cc/Bcc as recipients."""
     try:
         fields = parse_message(data).fields
-    except SmtpReply:
+    except RelayError:
         return "", list(FALLBACK_RECIPIENTS)
     senders = [m.address for f in fields if f.key == "from" for m in parse_address_list(f.value)]
     recipients = [m.address for f in fields if f.key in ("to", "cc", "bcc") for m in parse_address_list(f.value)]
@@ -84,7 +84,7 @@ def test_real_message(path: Path, line_ending: str) -> None:
     mail_from, recipients = _envelope(data)
     try:
         prepared = run(data, recipients, mail_from=mail_from, smtputf8=not data.isascii())
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert 400 <= refusal.code < 600
         assert re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", refusal.enhanced)
         assert len(refusal.text) > 20  # a sentence a person can act on
@@ -124,7 +124,7 @@ def _outcome(data: bytes) -> object:
     mail_from, recipients = _envelope(data)
     try:
         prepared = run(data, recipients, mail_from=mail_from, smtputf8=not data.isascii())
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         return refusal.render()
     return [(copy.recipients, copy.headers, copy.body) for copy in prepared.copies]
 

@@ -25,7 +25,7 @@ from typing import NoReturn
 import pytest
 
 from tests.conftest import LOOPBACK
-from tests.spool_support import free_port, wait_until
+from tests.support.spool import free_port, wait_until
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 # The user the image runs the relay as.

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import LoopThread, RecordingHandler
 from tests.docker.conftest import RELAY_UID, RelayContainer, relay_owned_directory, run_docker
-from tests.spool_support import FAST_RETRIES, UpstreamOnPort, copy_keys, free_port, send_split_messages, wait_until
+from tests.support.spool import FAST_RETRIES, UpstreamOnPort, copy_keys, free_port, send_split_messages, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 

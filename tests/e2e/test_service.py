@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.service_unit import LAUNCHD_LABEL, Service, launchd_plist, systemd_unit
+from relay.admin.service import LAUNCHD_LABEL, Service, launchd_plist, systemd_unit
 from tests.e2e.conftest import CONSOLE_SCRIPT
 
 pytestmark = pytest.mark.e2e

@@ -15,10 +15,10 @@ import pexpect
 import pytest
 import yaml
 
-from relay.config import load_config
+from relay.config.loading import load_config
 from tests.conftest import Upstream, UpstreamFactory
 from tests.e2e.conftest import CONSOLE_SCRIPT
-from tests.oauth_server import CLIENT_ID, TokenEndpoint
+from tests.support.oauth_server import CLIENT_ID, TokenEndpoint
 
 pytestmark = pytest.mark.e2e
 

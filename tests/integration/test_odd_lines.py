@@ -13,7 +13,7 @@ from email.policy import default
 import pytest
 
 from tests.conftest import Upstream
-from tests.spool_support import wait_until
+from tests.support.spool import wait_until
 
 SENDER = "s@example.org"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import SmtpReply
-from tests.unit.mailkit import SENDER, run
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, run
 
 ADDRESSES = [f"{name}@{domain}" for name in ("ann", "bob", "cyd", "dee") for domain in ("one.test", "two.example")]
 ENDINGS = {"crlf": b"\r\n", "lf": b"\n", "cr-cr-lf": b"\r\r\n", "lone-cr": b"\r"}
@@ -44,7 +44,7 @@ def test_no_copy_shows_another_recipient_whatever_the_line_endings(case: tuple[b
     data, recipients = case
     try:
         prepared = run(data, recipients)
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert 500 <= refusal.code < 600, refusal.render()
         return
     for copy in prepared.copies:

@@ -9,10 +9,10 @@ from email.policy import compat32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.errors import SmtpReply
-from relay.line_length import MAX_LINE_OCTETS, longest_line
-from relay.message import parse_message
-from tests.unit.mailkit import SENDER, run
+from relay.core.line_length import MAX_LINE_OCTETS, longest_line
+from relay.core.message import parse_message
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, run
 
 RECIPIENTS = ["ann@one.test", "bob@two.test"]
 text_lines = st.lists(
@@ -63,7 +63,7 @@ def _decoded_parts(data: bytes) -> list[bytes | None]:
 def test_no_line_over_998_octets_leaves_and_the_content_is_kept(data: bytes) -> None:
     try:
         prepared = run(data, RECIPIENTS)
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert (refusal.code, refusal.enhanced) == (554, "5.6.0"), refusal.render()
         return
     for copy in prepared.copies:

@@ -1,20 +1,20 @@
-"""Broken and hostile input: always a clear SmtpReply or a safe result, never a crash or a hang."""
+"""Broken and hostile input: always a clear RelayError or a safe result, never a crash or a hang."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.addresses import mentioned_addresses, parse_address_list
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
-from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
+from relay.core.addresses import mentioned_addresses, parse_address_list
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 
 
-def refusal(data: bytes, rcpts: list[str] | None = None) -> SmtpReply:
-    with pytest.raises(SmtpReply) as refused:
+def refusal(data: bytes, rcpts: list[str] | None = None) -> RelayError:
+    with pytest.raises(RelayError) as refused:
         run(data, rcpts or [ANN, BOB])
     return refused.value
 
@@ -127,7 +127,7 @@ def test_pathological_address_fields_finish(value: str) -> None:
     mentioned_addresses(value)
     try:
         run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Cc: {value}"), [ANN, BOB])
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert (refusal.code, refusal.enhanced) == (554, "5.6.0")  # a line over 998 octets with no space in it
 
 

@@ -10,9 +10,9 @@ from email.policy import compat32
 
 import pytest
 
-from relay.errors import SmtpReply
-from relay.line_length import longest_line
-from tests.unit.mailkit import SENDER, copy_for, message, run
+from relay.core.line_length import longest_line
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 LONG_TEXT = ("Grüße " * 400).encode() + b"=tail \t"  # 2,800 octets, with '=' and trailing whitespace
@@ -38,7 +38,7 @@ def test_a_long_header_line_is_folded_at_whitespace_and_unfolds_to_the_same_valu
 
 
 def test_a_long_header_line_without_whitespace_is_refused() -> None:
-    with pytest.raises(SmtpReply) as refused:
+    with pytest.raises(RelayError) as refused:
         run(message(*FROM_TO, "X-Token: " + "x" * 1500), [ANN, BOB])
     assert (refused.value.code, refused.value.enhanced) == (554, "5.6.0")
     assert "X-Token" in refused.value.text and "998" in refused.value.text
@@ -106,7 +106,7 @@ def test_a_long_line_in_an_attached_message_is_re_encoded_inside_it() -> None:
     ids=["signed", "binary"],
 )
 def test_a_long_line_that_cannot_be_re_encoded_is_refused(data: bytes) -> None:
-    with pytest.raises(SmtpReply) as refused:
+    with pytest.raises(RelayError) as refused:
         run(data, [ANN, BOB])
     assert (refused.value.code, refused.value.enhanced) == (554, "5.6.0")
     assert "998" in refused.value.text

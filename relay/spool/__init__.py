@@ -1,0 +1,1 @@
+"""Where accepted mail waits for the upstream: the SQLite spool."""
