@@ -308,17 +308,7 @@ class PolicyConfig(_Section):
 
     def settings(self) -> PolicySettings:
         """The same values for the core, which takes plain data."""
-        return PolicySettings(
-            action=self.action,
-            min_recipients=self.min_recipients,
-            internal_domains=self.internal_domains,
-            always_visible=self.always_visible,
-            calendar=self.calendar,
-            tnef=self.tnef,
-            override_tag=self.override_tag,
-            hold_notify=self.hold_notify,
-            hold_max_age=self.hold_max_age,
-        )
+        return PolicySettings(**self.model_dump())
 
 
 class ConsoleConfig(_Section):

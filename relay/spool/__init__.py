@@ -1,1 +1,1 @@
-"""Where accepted mail waits for the upstream: the SQLite spool."""
+"""Where accepted mail waits for the upstream: the Spool interface (interface.py) and its SQLite implementation."""
