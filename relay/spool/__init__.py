@@ -1,1 +1,2 @@
-"""Where accepted mail waits for the upstream: the Spool interface (interface.py) and its SQLite implementation."""
+"""Where accepted mail waits for the upstream: the Spool interface (interface.py) and its SQLite implementation,
+with the history, held messages and totals the console reads (history.py)."""
