@@ -31,7 +31,7 @@ STATE_WORDS = {
 
 
 def decision_words(entry: MessageHistory) -> str:
-    """E.g. "Split into 25 copies: 25 recipient address(es) visible to each other in To"."""
+    """E.g. "Split into 25 copies: 25 addresses visible to each other in To"."""
     template = _DECISION_WORDS.get(entry.record.decision, entry.record.decision)
     headline = template.format(copies=copies_word(len(entry.copies)))
     return f"{headline}: {entry.record.reason}" if entry.record.reason else headline

@@ -115,6 +115,13 @@ def _dedupe(addresses: tuple[str, ...]) -> list[str]:
     return unique
 
 
+def _counted(count: int, noun: str) -> str:
+    """ "1 address", "3 addresses": reasons are read by people in the console and the logs."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith("ss") else f"{count} {noun}s"
+
+
 def _field_label(key: str) -> str:
     return "-".join(part.capitalize() for part in key.split("-"))
 
@@ -208,7 +215,9 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
         )
     if len(protected) < config.min_recipients:
         return decision(
-            Action.UNCHANGED, f"{len(protected)} protected recipient(s), below policy.min_recipients", everyone
+            Action.UNCHANGED,
+            _counted(len(protected), "protected recipient") + ", fewer than policy.min_recipients",
+            everyone,
         )
 
     headers_expose = _shows_someone_else(shown_anywhere, recipient_keys)
@@ -229,9 +238,9 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
 
     exposed_count = len(shown_anywhere)
     where = " and ".join(exposed_fields) or "To/Cc"
-    reason = f"{exposed_count} recipient address(es) visible to each other in {where}"
+    reason = f"{_counted(exposed_count, 'address')} visible to each other in {where}"
     if calendar_exposes:
-        reason = f"{len(attendees)} recipient address(es) listed as ATTENDEE in a calendar invitation"
+        reason = f"{_counted(len(attendees), 'address')} listed as attendees in a calendar invitation"
     elif tnef_exposes:
         reason = "a winmail.dat (TNEF) attachment carries the recipient list"
     action = Action(config.action)

@@ -185,7 +185,7 @@ def test_activity_shows_each_message_its_decision_in_plain_words_and_each_copy(
     assert entry["subject"] == "Träining on Sunday"
     assert entry["recipients"] == TEAM
     assert entry["decision"] == "split"
-    assert entry["summary"] == "Split into 3 copies: 3 recipient address(es) visible to each other in To"
+    assert entry["summary"] == "Split into 3 copies: 3 addresses visible to each other in To"
     assert [copy["recipients"] for copy in entry["copies"]] == [[address] for address in TEAM]
     assert {copy["state"] for copy in entry["copies"]} == {"delivered"}
     assert all(copy["attempts"] == 1 for copy in entry["copies"])
