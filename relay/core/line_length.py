@@ -27,13 +27,21 @@ BASE64_LINE = 76  # RFC 2045 6.8
 UNCHANGEABLE_MULTIPARTS = frozenset({"multipart/signed", "multipart/encrypted"})
 _WHITESPACE = b" \t"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_SCAN_WINDOW = 1 << 20
 
 
 def longest_line(data: bytes) -> int:
     """The length of the longest line of data, without its CRLF."""
     if len(data) <= MAX_LINE_OCTETS:
         return len(data)
-    return max(map(len, data.split(CRLF)))
+    # Split a window of whole lines at a time: a list of every line of a big body would cost its size again.
+    longest = start = 0
+    while start <= len(data):
+        window_end = data.find(CRLF, start + _SCAN_WINDOW)
+        stop = len(data) if window_end < 0 else window_end
+        longest = max(longest, *map(len, data[start:stop].split(CRLF)))
+        start = stop + len(CRLF)
+    return longest
 
 
 def _too_long(where: str) -> RelayError:

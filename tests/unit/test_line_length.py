@@ -110,3 +110,12 @@ def test_a_long_line_that_cannot_be_re_encoded_is_refused(data: bytes) -> None:
         run(data, [ANN, BOB])
     assert (refused.value.code, refused.value.enhanced) == (554, "5.6.0")
     assert "998" in refused.value.text
+
+
+@pytest.mark.parametrize("long_line_at", [0, 1_048_000, 1_048_576, 2_500_000])
+def test_longest_line_of_a_big_body_finds_a_long_line_wherever_it_is(long_line_at: int) -> None:
+    short_lines = b"x" * 76 + b"\r\n"
+    body = short_lines * (3_000_000 // len(short_lines))
+    at = body.find(b"\r\n", long_line_at) + 2 if long_line_at else 0
+    body = body[:at] + b"y" * 1_200 + b"\r\n" + body[at:]
+    assert longest_line(body) == 1_200
