@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -189,6 +190,27 @@ class UpstreamConfig(_Section):
 
 class SpoolConfig(_Section):
     path: Path = Path("./spool")
+    # postgresql://user@host:port/database?sslmode=verify-full: a spool shared by several relays.
+    # null: the SQLite spool in path, for one relay (and its workers) on one machine.
+    url: str | None = None
+    # The database password; without it, libpq's usual PGPASSWORD or ~/.pgpass (PGPASSFILE).
+    password_file: Path | None = None
+    # Seconds a relay holds a copy it is sending; another relay takes it over once this runs out.
+    lease: Duration = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _url_is_postgresql(self) -> SpoolConfig:
+        if self.url is not None and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url: expected postgresql://user@host:port/database (or null for the SQLite spool)")
+        if self.url is not None and urllib.parse.urlsplit(self.url).password is not None:
+            # The URL is logged and shown by `queue` commands; a password belongs in a file of its own.
+            raise ValueError("url: must not hold the password; put it in spool.password_file (or PGPASSWORD)")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """True when the spool is a database that several relays may share."""
+        return self.url is not None
 
 
 class RouteConfig(_Section):
@@ -260,6 +282,8 @@ class Config(_Section):
     upstream_password: SecretStr | None = Field(default=None, exclude=True)
     # Not YAML keys either: each named upstream's password, read from its password_file.
     named_upstream_passwords: dict[str, SecretStr] = Field(default_factory=dict, exclude=True)
+    # Not a YAML key: the spool database's password, read from spool.password_file.
+    spool_password: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> Config:
@@ -441,6 +465,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             )
     if named_passwords:
         config = config.model_copy(update={"named_upstream_passwords": named_passwords})
+    if config.spool.password_file is not None:
+        spool_password = _read_password_file(config.spool.password_file, "spool.password_file")
+        config = config.model_copy(update={"spool_password": spool_password})
     if config.upstream.username and not config.upstream.uses_oauth2 and config.upstream_password is None:
         raise ConfigError(
             "upstream.username is set but there is no password: set upstream.password_file "

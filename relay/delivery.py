@@ -47,8 +47,6 @@ from relay.spool import (
     new_queue_id,
 )
 
-# A claimed copy not settled by then (its result could not be stored) is sent again.
-CLAIM_LEASE = 3600.0
 # How often an idle scheduler looks at the spool, so `privacy-relay queue retry` takes effect soon.
 POLL_INTERVAL = 2.0
 
@@ -383,6 +381,10 @@ class SpooledDelivery:
             _close_later(replaced, list(self._in_flight.values()))
         self._wake.set()
 
+    def wake(self) -> None:
+        """Look at the spool now: another relay sharing it stored mail that is due."""
+        self._wake.set()
+
     async def deliver(
         self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
     ) -> DeliveryReport:
@@ -397,7 +399,7 @@ class SpooledDelivery:
         hybrid = self._config.delivery.mode == "hybrid"
         now = self._clock()
         starting = self._first_attempts_now(len(copies), now, hybrid)
-        lease_until = now + CLAIM_LEASE
+        lease_until = now + self._config.spool.lease
         message = NewMessage(
             id=queue_id,
             mail_from=mail_from,
@@ -556,7 +558,7 @@ class SpooledDelivery:
         if self._pacer.interval > 0:
             limit = 1
         known = {message_id: body for message_id, (body, _) in self._bodies.items()}
-        batch = await self._spool.claim_due(now, limit, CLAIM_LEASE, known)
+        batch = await self._spool.claim_due(now, limit, self._config.spool.lease, known)
         self._more_due = len(batch) >= limit
         if not batch:
             due = await self._spool.next_due()

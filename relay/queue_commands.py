@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 
 from relay.config import Config
-from relay.spool import DATABASE_NAME, MessageSummary, SpoolWriteError, SqliteSpool
+from relay.spool import DATABASE_NAME, MessageSummary, SpoolWriteError, build_spool
 
 
 def _when(timestamp: float) -> str:
@@ -59,10 +59,10 @@ def _print_summary(s: MessageSummary) -> None:
 
 
 async def _run(config: Config, action: str, message_id: str | None) -> int:
-    if not (config.spool.path / DATABASE_NAME).exists():
+    if not config.spool.shared and not (config.spool.path / DATABASE_NAME).exists():
         print(f"There is no spool at {config.spool.path.resolve()} (spool.path).", file=sys.stderr)
         return 1
-    spool = SqliteSpool(config.spool.path)
+    spool = build_spool(config)
     await spool.open()
     try:
         if action == "list":
@@ -96,5 +96,6 @@ def run_queue_command(config: Config, action: str, message_id: str | None) -> in
     try:
         return asyncio.run(_run(config, action, message_id))
     except (sqlite3.Error, SpoolWriteError, OSError) as exc:
-        print(f"privacy-relay: cannot use the spool at {config.spool.path.resolve()}: {exc}", file=sys.stderr)
+        where = config.spool.url or config.spool.path.resolve()
+        print(f"privacy-relay: cannot use the spool at {where}: {exc}", file=sys.stderr)
         return 1

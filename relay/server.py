@@ -31,7 +31,7 @@ from relay.forwarder import UpstreamPool
 from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
 from relay.oauth import AccessTokens
 from relay.passthrough import PassthroughLogins
-from relay.spool import SqliteSpool
+from relay.spool import Spool, SpoolWriteError, build_spool
 from relay.users import AccountsFile, UsersFileError, readable_by_others
 from relay.workers import ConnectionReceiver, supervise
 
@@ -117,13 +117,19 @@ class RelayServer:
         self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
         named = build_named_destinations(config, self.hostname)
-        self.spool: SqliteSpool | None = None
+        self.spool: Spool | None = None
         self.delivery: DirectDelivery | SpooledDelivery
         if config.delivery.mode == "direct":
             self.delivery = DirectDelivery(self.destination, config.upstream.max_connections, named, config.routes)
         else:
-            self.spool = SqliteSpool(config.spool.path)
+            self.spool = build_spool(config)
             self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
+            if config.spool.shared:
+                from relay.postgres_spool import PostgresSpool  # build_spool found the driver
+
+                assert isinstance(self.spool, PostgresSpool)
+                # Another relay's new mail wakes this one's scheduler at once, instead of at its next poll.
+                self.spool.wake_on_new_mail(self.delivery.wake)
         self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
         self._server: asyncio.Server | None = None
 
@@ -146,7 +152,7 @@ class RelayServer:
         )
 
     async def start(self) -> None:
-        """Open the spool and resume its deliveries, then listen; raises OSError or sqlite3.Error."""
+        """Open the spool and resume its deliveries, then listen; raises OSError, sqlite3.Error or SpoolWriteError."""
         if self.spool is not None:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
@@ -250,12 +256,12 @@ async def serve(
     warn_about_secret_files(config)
     try:
         await server.start()
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, SpoolWriteError) as exc:
         log.error(
             "relay.cannot_start",
             host=config.listen.host,
             port=config.listen.port,
-            spool=str(config.spool.path) if server.spool else None,
+            spool=server.spool.label if server.spool else None,
             error=getattr(exc, "strerror", None) or str(exc),
         )
         await server.stop()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from relay.config import Config, ConfigError
 from relay.errors import SmtpReply
 
 DATABASE_NAME = "spool.db"
@@ -87,7 +88,7 @@ class SpoolWriteError(SmtpReply):
     """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
 
 
-def _closed() -> SpoolWriteError:
+def closed_spool_error() -> SpoolWriteError:
     # A client still in a session while the relay stops (SIGTERM): it keeps the message and tries again.
     return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
 
@@ -205,6 +206,13 @@ class MessageSummary:
 
 
 class Spool(Protocol):
+    @property
+    def label(self) -> str:
+        """Where the spool is, for logs and the queue commands."""
+
+    async def open(self) -> None:
+        """Open (and create or migrate) the store; SpoolWriteError, sqlite3.Error or OSError when it cannot."""
+
     async def store(
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
     ) -> tuple[int, ...]:
@@ -266,11 +274,11 @@ class Spool(Protocol):
 _T = TypeVar("_T")
 
 
-def _lines(recipients: Sequence[str]) -> str:
+def join_lines(recipients: Sequence[str]) -> str:
     return "\n".join(recipients)
 
 
-def _split_lines(text: str) -> tuple[str, ...]:
+def split_lines(text: str) -> tuple[str, ...]:
     return tuple(text.split("\n")) if text else ()
 
 
@@ -411,7 +419,7 @@ class SqliteSpool:
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
-            raise _closed()
+            raise closed_spool_error()
         return self._connection
 
     def _commit_number(self) -> int:
@@ -471,7 +479,7 @@ class SqliteSpool:
             committed(result)
         if durable:
             if self._syncer is None:
-                raise _closed()
+                raise closed_spool_error()
             await self._syncer.sync(self._commit_number())
         return result
 
@@ -520,7 +528,7 @@ class SqliteSpool:
                     message_id=row[1],
                     position=row[2],
                     kind=row[3],
-                    recipients=_split_lines(row[4]),
+                    recipients=split_lines(row[4]),
                     headers=bytes(row[5]),
                     body=bodies[row[1]],
                     mail_from=row[7],
@@ -570,7 +578,7 @@ class SqliteSpool:
                     " attempts = attempts + ? WHERE id = ?",
                     (
                         QUEUED,
-                        _lines(result.retry),
+                        join_lines(result.retry),
                         result.next_attempt,
                         result.last_reply,
                         int(result.counts_as_attempt),
@@ -710,7 +718,7 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
                 message.id,
                 position,
                 copy.kind,
-                _lines(copy.recipients),
+                join_lines(copy.recipients),
                 copy.headers,
                 SENDING if copy.claimed_until else QUEUED,
                 copy.claimed_until or message.received_at,
@@ -731,7 +739,7 @@ def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSu
     summaries = []
     for row in db.execute(query + " ORDER BY received_at, id", parameters).fetchall():
         copies = tuple(
-            CopyState(c[0], c[1], c[2], _split_lines(c[3]), c[4], c[5], c[6], c[7])
+            CopyState(c[0], c[1], c[2], split_lines(c[3]), c[4], c[5], c[6], c[7])
             for c in db.execute(
                 "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_reply"
                 " FROM copies WHERE message_id = ? ORDER BY position, id",
@@ -746,3 +754,18 @@ def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSu
         )
         summaries.append(MessageSummary(row[0], row[1], row[2], bool(row[3]), row[4], row[5], copies, failures))
     return summaries
+
+
+def build_spool(config: Config) -> Spool:
+    """The PostgreSQL spool when spool.url is set, else the SQLite file in spool.path."""
+    if config.spool.url is None:
+        return SqliteSpool(config.spool.path)
+    try:
+        from relay.postgres_spool import PostgresSpool
+    except ImportError as exc:
+        raise ConfigError(
+            f"spool.url is set, but the PostgreSQL driver is missing ({exc.name}): "
+            "pip install 'privacy-relay[postgres]'"
+        ) from None
+    password = config.spool_password.get_secret_value() if config.spool_password else None
+    return PostgresSpool(config.spool.url, password)

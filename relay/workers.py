@@ -25,7 +25,7 @@ import structlog
 
 from relay.config import Config
 from relay.delivery import recover_spool
-from relay.spool import SqliteSpool
+from relay.spool import SpoolWriteError, build_spool
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"
@@ -94,7 +94,7 @@ class ConnectionReceiver:
 
 
 async def _recover_shared_spool(config: Config) -> None:
-    spool = SqliteSpool(config.spool.path)
+    spool = build_spool(config)
     await spool.open()
     try:
         await recover_spool(spool)
@@ -117,8 +117,8 @@ def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]
         # copies that another worker is sending at that moment.
         try:
             asyncio.run(_recover_shared_spool(config))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("relay.cannot_start", spool=str(config.spool.path), error=str(exc))
+        except (OSError, sqlite3.Error, SpoolWriteError) as exc:
+            log.error("relay.cannot_start", spool=config.spool.url or str(config.spool.path), error=str(exc))
             listener.close()
             return 1
     workers: set[int] = set()

@@ -1,0 +1,548 @@
+"""The Spool in a PostgreSQL database that any number of relays share (spool.url).
+
+The same tables as the SQLite spool: one body per message, one row per copy. What sharing adds:
+- A relay sending a copy holds a lease on it: its owner name, a fencing counter raised at every claim,
+  and next_attempt as the lease's end. Claims take due rows with FOR UPDATE SKIP LOCKED, so two relays
+  never claim one copy; a relay whose lease ran out and was taken over cannot record its late result over
+  the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
+  nobody unlocks anything by hand.
+- New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
+- A message is acknowledged (250) only once its transaction committed, with the server's
+  synchronous_commit (on by default: the commit is on the primary's disk). Claims and results commit
+  with synchronous_commit off, as the SQLite spool does not fsync them: a crash of the database can only
+  repeat a copy.
+- The database unreachable is SpoolWriteError 451 4.3.0; the pool reconnects by itself on a later call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeAlias, TypeVar
+
+import asyncpg
+import structlog
+
+from relay.spool import (
+    QUEUED,
+    SENDING,
+    CopyResult,
+    CopyState,
+    Failure,
+    MessageSummary,
+    NewMessage,
+    Progress,
+    SettledMessage,
+    SpooledCopy,
+    SpoolWriteError,
+    closed_spool_error,
+    join_lines,
+    split_lines,
+)
+
+# Versioned schema: migration N (1-based) takes a database from version N - 1 to N, in one transaction.
+MIGRATIONS = (
+    """
+    CREATE TABLE messages (
+        id text PRIMARY KEY,
+        mail_from text NOT NULL,
+        smtputf8 boolean NOT NULL,
+        upstream text,
+        is_bounce boolean NOT NULL,
+        received_at double precision NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE TABLE copies (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        position integer NOT NULL,
+        kind text NOT NULL,
+        recipients text NOT NULL,
+        headers bytea NOT NULL,
+        state text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt double precision NOT NULL,
+        last_reply text,
+        lease_owner text,
+        fence bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX copies_due ON copies (next_attempt);
+    CREATE INDEX copies_message ON copies (message_id);
+    CREATE TABLE failures (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        recipient text NOT NULL,
+        reply text NOT NULL,
+        headers bytea NOT NULL
+    );
+    CREATE INDEX failures_message ON failures (message_id);
+    CREATE TABLE sends (
+        sent_at double precision NOT NULL,
+        recipients integer NOT NULL
+    );
+    CREATE INDEX sends_time ON sends (sent_at);
+    """,
+)
+SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
+NEW_MAIL_CHANNEL = "privacy_relay_due"
+# Connections per relay process: the listener's sessions store at once, the scheduler claims and records.
+POOL_SIZE = 10
+# An unreachable database is a 451 within seconds, not a client left waiting.
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 30.0
+# Seconds between attempts to listen again after the notification connection was lost.
+LISTEN_RETRY = 2.0
+_DAY = 86_400.0
+
+_T = TypeVar("_T")
+# Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+# What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
+_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _unavailable(exc: BaseException) -> SpoolWriteError:
+    detail = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
+    return SpoolWriteError(451, "4.3.0", f"The relay cannot reach its spool database ({detail}); try again later")
+
+
+class PostgresSpool:
+    """The Spool on PostgreSQL; open() connects, creates or migrates the schema, and starts listening."""
+
+    def __init__(self, url: str, password: str | None = None) -> None:
+        self._url = url
+        self._password = password
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._wake: Callable[[], None] | None = None
+        # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        # The fencing counter of each copy this process holds, as its claim set it.
+        self._fences: dict[int, int] = {}
+        self.log = structlog.get_logger("relay")
+
+    @property
+    def label(self) -> str:
+        # Without the query (sslmode and the like): where the spool is, not how it is reached.
+        return self._url.split("?", 1)[0]
+
+    async def open(self) -> None:
+        """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                password=self._password,
+                timeout=CONNECT_TIMEOUT,
+                min_size=1,
+                max_size=POOL_SIZE,
+                command_timeout=COMMAND_TIMEOUT,
+            )
+            async with self._pool.acquire() as connection:
+                await self._migrate(connection)
+                commit_mode = await connection.fetchval("SHOW synchronous_commit")
+        except _UNAVAILABLE as exc:
+            await self.close()
+            raise _unavailable(exc) from exc
+        if commit_mode == "off":
+            self.log.warning(
+                "spool.synchronous_commit_off",
+                hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
+            )
+        self._listening = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _migrate(self, connection: Connection) -> None:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await connection.execute("CREATE TABLE IF NOT EXISTS privacy_relay_schema (version integer NOT NULL)")
+            version = await connection.fetchval("SELECT coalesce(max(version), 0) FROM privacy_relay_schema")
+            if version > len(MIGRATIONS):
+                raise asyncpg.InterfaceError(
+                    f"the spool database's schema is version {version}, newer than this relay's "
+                    f"{len(MIGRATIONS)}: upgrade this relay"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                await connection.execute(MIGRATIONS[number - 1])
+                await connection.execute("INSERT INTO privacy_relay_schema (version) VALUES ($1)", number)
+                self.log.info("spool.migrated", version=number)
+
+    def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
+        """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
+        self._wake = wake
+
+    async def _listen(self) -> None:
+        """Hold a connection that LISTENs, and open it again whenever it is lost (the database restarted)."""
+        while True:
+            try:
+                connection = await asyncpg.connect(self._url, password=self._password, timeout=CONNECT_TIMEOUT)
+            except _UNAVAILABLE:
+                await asyncio.sleep(LISTEN_RETRY)
+                continue
+            lost = asyncio.Event()
+            try:
+                connection.add_termination_listener(functools.partial(_set_event, lost))
+                await connection.add_listener(NEW_MAIL_CHANNEL, self._notified)
+                # Mail may have arrived while nobody listened.
+                self._notified()
+                await lost.wait()
+            except _UNAVAILABLE:
+                pass
+            finally:
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT)
+            await asyncio.sleep(LISTEN_RETRY)
+
+    def _notified(self, *_: object) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
+        """work in a transaction of its own; durable=False commits without waiting for the WAL flush."""
+        if self._pool is None:
+            raise closed_spool_error()
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                if not durable:
+                    await connection.execute("SET LOCAL synchronous_commit = off")
+                return await work(connection)
+        except asyncpg.UniqueViolationError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
+        async def insert(connection: Connection) -> tuple[int, ...]:
+            return await self._insert(connection, message)
+
+        ids = await self._run(insert)
+        # Committed means durable here: the callback and the return come together.
+        if committed is not None:
+            committed(ids)
+        return ids
+
+    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
+        await connection.execute(
+            "INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            message.id,
+            message.mail_from,
+            message.smtputf8,
+            message.upstream,
+            message.is_bounce,
+            message.received_at,
+            message.body,
+        )
+        copies = message.copies
+        rows = await connection.fetch(
+            "INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
+            " fence) SELECT $1, c.position, c.kind, c.recipients, c.headers, c.state, c.next_attempt, c.owner, c.fence"
+            " FROM unnest($2::integer[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::float8[], $8::text[],"
+            " $9::bigint[]) AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
+            " RETURNING id, position",
+            message.id,
+            list(range(len(copies))),
+            [copy.kind for copy in copies],
+            [join_lines(copy.recipients) for copy in copies],
+            [copy.headers for copy in copies],
+            [SENDING if copy.claimed_until else QUEUED for copy in copies],
+            [copy.claimed_until or message.received_at for copy in copies],
+            [self.owner if copy.claimed_until else None for copy in copies],
+            [1 if copy.claimed_until else 0 for copy in copies],
+        )
+        ids = tuple(row["id"] for row in sorted(rows, key=lambda row: row["position"]))
+        for copy, copy_id in zip(copies, ids, strict=True):
+            if copy.claimed_until:
+                self._fences[copy_id] = 1
+        if any(not copy.claimed_until for copy in copies):
+            # Delivered to every listening relay when this transaction commits, not before.
+            await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+        return ids
+
+    async def recover(self) -> int:
+        """Nothing to do: a restarted relay is a new owner, and the copies the old one held go again once
+        their leases run out (spool.lease), taken by whichever relay is first."""
+        return 0
+
+    async def claim_due(
+        self, now: float, limit: int, lease: float, known_bodies: Mapping[str, bytes]
+    ) -> list[SpooledCopy]:
+        fences: dict[int, int] = {}
+
+        async def claim(connection: Connection) -> list[SpooledCopy]:
+            rows = await connection.fetch(
+                "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
+                " FOR UPDATE SKIP LOCKED)"
+                " UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
+                " FROM due WHERE c.id = due.id"
+                " RETURNING c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts, c.fence",
+                now,
+                limit,
+                SENDING,
+                now + lease,
+                self.owner,
+            )
+            if not rows:
+                return []
+            message_ids = list({row["message_id"] for row in rows})
+            messages = {
+                row["id"]: row
+                for row in await connection.fetch(
+                    "SELECT id, mail_from, smtputf8, upstream, received_at,"
+                    " CASE WHEN id = ANY($2::text[]) THEN NULL ELSE body END AS body"
+                    " FROM messages WHERE id = ANY($1::text[])",
+                    message_ids,
+                    list(known_bodies.keys() & set(message_ids)),
+                )
+            }
+            bodies = {
+                message_id: known_bodies[message_id] if row["body"] is None else bytes(row["body"])
+                for message_id, row in messages.items()
+            }
+            claimed = []
+            for row in sorted(rows, key=lambda row: (row["message_id"], row["position"])):
+                fences[row["id"]] = row["fence"]
+                message = messages[row["message_id"]]
+                claimed.append(
+                    SpooledCopy(
+                        id=row["id"],
+                        message_id=row["message_id"],
+                        position=row["position"],
+                        kind=row["kind"],
+                        recipients=split_lines(row["recipients"]),
+                        headers=bytes(row["headers"]),
+                        body=bodies[row["message_id"]],
+                        mail_from=message["mail_from"],
+                        smtputf8=message["smtputf8"],
+                        upstream=message["upstream"],
+                        received_at=message["received_at"],
+                        attempts=row["attempts"],
+                    )
+                )
+            return claimed
+
+        claimed = await self._run(claim, durable=False)
+        # Kept once committed: a claim that failed holds nothing.
+        self._fences.update(fences)
+        return claimed
+
+    async def release(self, copy_id: int, next_attempt: float) -> None:
+        fence = self._fences.pop(copy_id, None)
+
+        async def put_back(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET state = $1, next_attempt = $2, lease_owner = NULL"
+                " WHERE id = $3 AND lease_owner = $4 AND fence = $5",
+                QUEUED,
+                next_attempt,
+                copy_id,
+                self.owner,
+                fence,
+            )
+
+        await self._run(put_back, durable=False)
+
+    async def postpone(self, now: float, until: float) -> None:
+        async def delay(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND next_attempt <= $3", until, QUEUED, now
+            )
+
+        await self._run(delay, durable=False)
+
+    async def record(self, result: CopyResult) -> Progress:
+        fence = self._fences.get(result.copy_id)
+
+        async def update(connection: Connection) -> Progress:
+            row = await connection.fetchrow(
+                "SELECT message_id, headers, lease_owner, fence FROM copies WHERE id = $1 FOR UPDATE",
+                result.copy_id,
+            )
+            if row is None:
+                return Progress.SENDING  # deleted with `queue delete` while it was being sent
+            if row["lease_owner"] != self.owner or row["fence"] != fence:
+                # Our lease ran out and another relay claimed the copy: its result, not this late one, stands.
+                self.log.warning("spool.lease_lost", copy=result.copy_id, owner=row["lease_owner"])
+                return Progress.SENDING
+            message_id, headers = row["message_id"], row["headers"]
+            if result.delivered:
+                await connection.execute(
+                    "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)", result.sent_at, len(result.delivered)
+                )
+                await connection.execute("DELETE FROM sends WHERE sent_at < $1", result.sent_at - _DAY)
+            if result.failed:
+                await connection.executemany(
+                    "INSERT INTO failures (message_id, recipient, reply, headers) VALUES ($1, $2, $3, $4)",
+                    [(message_id, recipient, reply, headers) for recipient, reply in result.failed],
+                )
+            if result.retry:
+                await connection.execute(
+                    "UPDATE copies SET state = $1, recipients = $2, next_attempt = $3, last_reply = $4,"
+                    " attempts = attempts + $5, lease_owner = NULL WHERE id = $6",
+                    QUEUED,
+                    join_lines(result.retry),
+                    result.next_attempt,
+                    result.last_reply,
+                    int(result.counts_as_attempt),
+                    result.copy_id,
+                )
+                return Progress.SENDING
+            await connection.execute("DELETE FROM copies WHERE id = $1", result.copy_id)
+            if await connection.fetchval("SELECT 1 FROM copies WHERE message_id = $1 LIMIT 1", message_id):
+                return Progress.SENDING
+            if await connection.fetchval("SELECT 1 FROM failures WHERE message_id = $1 LIMIT 1", message_id):
+                return Progress.SETTLED
+            # Every copy delivered: the recipient list goes now, in the same commit.
+            await connection.execute("DELETE FROM messages WHERE id = $1", message_id)
+            return Progress.DELIVERED
+
+        progress = await self._run(update, durable=False)
+        self._fences.pop(result.copy_id, None)
+        return progress
+
+    async def next_due(self) -> float | None:
+        async def earliest(connection: Connection) -> float | None:
+            value = await connection.fetchval("SELECT min(next_attempt) FROM copies")
+            return None if value is None else float(value)
+
+        return await self._run(earliest, durable=False)
+
+    async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
+        async def find(connection: Connection) -> list[SettledMessage]:
+            rows = await connection.fetch(
+                "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
+                " WHERE NOT EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"
+                " AND ($1::text IS NULL OR m.id = $1)",
+                message_id,
+            )
+            settled = []
+            for row in rows:
+                failures = await _failures(connection, row["id"])
+                settled.append(
+                    SettledMessage(
+                        row["id"],
+                        row["mail_from"],
+                        row["upstream"],
+                        row["is_bounce"],
+                        row["received_at"],
+                        failures,
+                        bytes(row["body"]),
+                    )
+                )
+            return settled
+
+        return await self._run(find, durable=False)
+
+    async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
+        async def swap(connection: Connection) -> None:
+            deleted = await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id)
+            # Another relay retired it first (and bounced it): one bounce, not one per relay.
+            if deleted is not None and replacement is not None:
+                await self._insert(connection, replacement)
+
+        await self._run(swap)
+
+    async def recent_sends(self, since: float) -> list[tuple[float, int]]:
+        async def sends(connection: Connection) -> list[tuple[float, int]]:
+            rows = await connection.fetch(
+                "SELECT sent_at, recipients FROM sends WHERE sent_at >= $1 ORDER BY sent_at", since
+            )
+            return [(float(row["sent_at"]), int(row["recipients"])) for row in rows]
+
+        return await self._run(sends, durable=False)
+
+    async def summaries(self) -> list[MessageSummary]:
+        return await self._run(lambda connection: _summaries(connection, None), durable=False)
+
+    async def summary(self, message_id: str) -> MessageSummary | None:
+        found = await self._run(lambda connection: _summaries(connection, message_id), durable=False)
+        return found[0] if found else None
+
+    async def retry_now(self, now: float, message_id: str | None) -> int:
+        async def make_due(connection: Connection) -> int:
+            status = await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND ($3::text IS NULL OR message_id = $3)",
+                now,
+                QUEUED,
+                message_id,
+            )
+            await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self._run(make_due)
+
+    async def delete(self, message_id: str) -> bool:
+        async def remove(connection: Connection) -> bool:
+            return await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id) is not None
+
+        return await self._run(remove)
+
+    async def close(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+async def _failures(connection: Connection, message_id: str) -> tuple[Failure, ...]:
+    rows = await connection.fetch(
+        "SELECT recipient, reply, headers FROM failures WHERE message_id = $1 ORDER BY id", message_id
+    )
+    return tuple(Failure(row["recipient"], row["reply"], bytes(row["headers"])) for row in rows)
+
+
+async def _summaries(connection: Connection, message_id: str | None) -> list[MessageSummary]:
+    rows = await connection.fetch(
+        "SELECT id, mail_from, upstream, is_bounce, received_at, length(body) AS size FROM messages"
+        " WHERE $1::text IS NULL OR id = $1 ORDER BY received_at, id",
+        message_id,
+    )
+    summaries = []
+    for row in rows:
+        copies = tuple(
+            CopyState(
+                c["id"],
+                c["position"],
+                c["kind"],
+                split_lines(c["recipients"]),
+                c["state"],
+                c["attempts"],
+                c["next_attempt"],
+                c["last_reply"],
+            )
+            for c in await connection.fetch(
+                "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_reply"
+                " FROM copies WHERE message_id = $1 ORDER BY position, id",
+                row["id"],
+            )
+        )
+        failures = await _failures(connection, row["id"])
+        summaries.append(
+            MessageSummary(
+                row["id"],
+                row["mail_from"],
+                row["upstream"],
+                row["is_bounce"],
+                row["received_at"],
+                row["size"],
+                copies,
+                failures,
+            )
+        )
+    return summaries

@@ -1,0 +1,122 @@
+"""What sharing a PostgreSQL spool adds: leases with fencing, disjoint claims, NOTIFY, schema versions,
+one bounce per message, and a 451 while the database is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from relay.postgres_spool import MIGRATIONS, PostgresSpool
+from relay.spool import CopyResult, Progress, SpoolWriteError
+from tests.support.postgres import PASSWORD, PrivateCluster
+from tests.unit.test_spool import message
+
+
+@pytest.fixture
+async def two_relays(postgres_database: str):
+    """Two spools on one database, as two relays would hold them."""
+    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
+    await first.open()
+    await second.open()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_a_relay_whose_lease_was_taken_over_cannot_record_over_the_new_owner(two_relays) -> None:
+    first, second = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (held,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert await second.claim_due(1059.0, 10, lease=60, known_bodies={}) == []
+    (taken,) = await second.claim_due(1060.0, 10, lease=60, known_bodies={})
+    assert taken.id == held.id
+    late = CopyResult(held.id, failed=(("a@x.test", "550 5.1.1 gone"),), sent_at=1061.0)
+    assert await first.record(late) is Progress.SENDING
+    assert await first.settled() == []
+    assert await second.record(CopyResult(taken.id, delivered=taken.recipients, sent_at=1062.0)) is Progress.DELIVERED
+
+
+async def test_a_lease_that_ran_out_untaken_still_records(two_relays) -> None:
+    first, _ = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (held,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
+    assert await first.record(CopyResult(held.id, delivered=held.recipients, sent_at=2000.0)) is Progress.DELIVERED
+
+
+async def test_relays_claiming_at_once_never_claim_the_same_copy(two_relays) -> None:
+    first, second = two_relays
+    for number in range(20):
+        await first.store(message(f"M{number}", [f"r{n}@x.test" for n in range(10)]))
+    claimed: list[int] = []
+    for _ in range(10):
+        batches = await asyncio.gather(
+            first.claim_due(1000.0, 15, lease=60, known_bodies={}),
+            second.claim_due(1000.0, 15, lease=60, known_bodies={}),
+        )
+        claimed += [copy.id for batch in batches for copy in batch]
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+async def test_new_mail_wakes_the_other_relay(two_relays) -> None:
+    first, second = two_relays
+    woken = asyncio.Event()
+    second.wake_on_new_mail(woken.set)
+    await asyncio.sleep(0.5)  # its listening connection is up
+    woken.clear()
+    await first.store(message("M1", ["a@x.test"]))
+    await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_two_relays_retiring_one_message_bounce_it_once(two_relays) -> None:
+    first, second = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (copy,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
+    await first.record(CopyResult(copy.id, failed=(("a@x.test", "550 5.1.1 gone"),), sent_at=1001.0))
+    assert [m.id for m in await second.settled()] == ["M1"]
+    await first.retire("M1", message("B1", ["s@x.test"]))
+    await second.retire("M1", message("B2", ["s@x.test"]))
+    assert [m.id for m in await first.summaries()] == ["B1"]
+
+
+async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    await spool.close()
+    await spool.open()  # a second start migrates nothing
+    await spool.close()
+    connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+    try:
+        assert await connection.fetch("SELECT version FROM privacy_relay_schema") == [(len(MIGRATIONS),)]
+        await connection.execute("INSERT INTO privacy_relay_schema VALUES ($1)", len(MIGRATIONS) + 1)
+    finally:
+        await connection.close()
+    with pytest.raises(SpoolWriteError, match="newer than this relay's"):
+        await PostgresSpool(postgres_database, PASSWORD).open()
+
+
+async def test_while_the_database_is_down_new_mail_gets_451_and_then_goes_in_again(
+    make_postgres_cluster,
+) -> None:
+    cluster: PrivateCluster = make_postgres_cluster()
+    spool = PostgresSpool(cluster.url, PASSWORD)
+    await spool.open()
+    try:
+        await spool.store(message("M1", ["a@x.test"]))
+        await asyncio.to_thread(cluster.stop)
+        with pytest.raises(SpoolWriteError) as refused:
+            await spool.store(message("M2", ["b@x.test"]))
+        assert (refused.value.code, refused.value.enhanced) == (451, "4.3.0")
+        await asyncio.to_thread(cluster.start)
+        stored = None
+        for _ in range(50):
+            try:
+                stored = await spool.store(message("M3", ["c@x.test"]))
+                break
+            except SpoolWriteError:
+                await asyncio.sleep(0.1)  # a connection the restart cut is replaced at the next call
+        assert stored is not None
+        assert [m.id for m in await spool.summaries()] == ["M1", "M3"]
+    finally:
+        await spool.close()
