@@ -103,7 +103,14 @@ _T = TypeVar("_T")
 # Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 # What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# (InternalClientError: a connection cut while a query was on it.)
+_UNAVAILABLE = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 def _unavailable(exc: BaseException) -> SpoolWriteError:
@@ -138,7 +145,8 @@ class PostgresSpool:
                 self._url,
                 password=self._password,
                 timeout=CONNECT_TIMEOUT,
-                min_size=1,
+                # No floor: asyncpg would keep reconnecting it (and logging each failure) while the database is down.
+                min_size=0,
                 max_size=POOL_SIZE,
                 command_timeout=COMMAND_TIMEOUT,
             )
