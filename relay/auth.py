@@ -31,7 +31,7 @@ LOCKED_OUT = SmtpReply(
 
 
 class FailedLoginLockout:
-    """Counts failed logins per client address; past max_failures within the window, refuses that address."""
+    """Counts failed logins per client address; after max_failures within the window, refuses that address."""
 
     def __init__(
         self, max_failures: int, window: float = LOCKOUT_WINDOW, clock: Callable[[], float] = time.monotonic

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import socket
 import sys
 import webbrowser
 from collections.abc import Sequence
@@ -167,8 +166,16 @@ def _describe_senders(account: Account) -> str:
     return "may send as " + ", ".join(account.addresses)
 
 
-def _user(config: Config, args: argparse.Namespace) -> int:
-    path = config.listen.users_file
+def _user(config: Config, args: argparse.Namespace, source: str) -> int:
+    # Absolute, so that an administrator who ran this in another folder sees which file changed.
+    path = config.listen.users_file.resolve()
+    if args.user_command != "list" and "users_file" not in config.listen.model_fields_set:
+        print(
+            f"privacy-relay: listen.users_file is not set in {source}, so this is the default file in the "
+            f"current folder: {path}. Pass --config with the relay's own config file to change the "
+            "accounts the relay reads.",
+            file=sys.stderr,
+        )
     try:
         if args.user_command == "list":
             if not path.exists():
@@ -242,6 +249,11 @@ def _check_listen(config: Config) -> bool:
 
     listen = config.listen
     ok = True
+    hostname, qualified = listen.own_hostname()
+    if qualified:
+        print(f"listen hostname: OK: {hostname}")
+    else:
+        print(f"listen hostname: WARNING: the machine has no fully qualified name, so {hostname}; set listen.hostname")
     if listen.tls != "none":
         try:
             client_tls_context(listen)
@@ -274,17 +286,20 @@ def _check(config: Config, source: str) -> int:
         print(f"upstream: none set; copies will be written to {config.outbox.resolve()}")
     else:
         password = config.upstream_password.get_secret_value() if config.upstream_password else None
-        ok = _probe("upstream", config.upstream, password, access_tokens(config.upstream))
+        ok = _probe("upstream", config, config.upstream, password, access_tokens(config.upstream))
     for name, upstream in config.upstreams.items():
         secret = config.named_upstream_passwords.get(name)
         password = secret.get_secret_value() if secret else None
         print(f"\nupstreams.{name} ({upstream.host}:{upstream.port}):")
-        ok = _probe(f"upstreams.{name}", upstream, password, access_tokens(upstream, name)) and ok
+        ok = _probe(f"upstreams.{name}", config, upstream, password, access_tokens(upstream, name)) and ok
     return 0 if ok else 1
 
 
-def _probe(key: str, upstream: UpstreamConfig, password: str | None, tokens: AccessTokens | None) -> bool:
-    steps = asyncio.run(probe_upstream(upstream, password, socket.gethostname(), tokens))
+def _probe(
+    key: str, config: Config, upstream: UpstreamConfig, password: str | None, tokens: AccessTokens | None
+) -> bool:
+    hostname, _ = config.listen.own_hostname()
+    steps = asyncio.run(probe_upstream(upstream, password, hostname, tokens))
     for step in steps:
         print(f"{step.step}: {'OK' if step.ok else 'FAILED'}: {step.detail}")
     ok = all(step.ok for step in steps)
@@ -328,7 +343,7 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
             if field.key in ("to", "cc", "bcc")
             for mailbox in parse_address_list(field.value)
         ]
-    hostname = socket.gethostname()
+    hostname, _ = config.listen.own_hostname()
     trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
     envelope = Envelope(mail_from, tuple(rcpts))
     print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
@@ -367,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(config, source)
     if args.command == "user":
-        return _user(config, args)
+        return _user(config, args, source)
     if args.command == "queue":
         from relay.queue_commands import run_queue_command
 

@@ -5,6 +5,7 @@ Every key has a safe default, so the relay runs with no file at all (copies land
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -51,8 +52,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# RFC 5321 Domain with at least two labels: receiving servers commonly refuse a bare name in EHLO.
+QUALIFIED_DOMAIN = re.compile(rf"{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})+")
+# The name this relay uses when the machine's own name is not qualified (as Postfix's mydomain falls back to).
+FALLBACK_DOMAIN = "localdomain"
+
+
+def hostname_problem(name: str) -> str | None:
+    """What keeps `name` from serving as the relay's own name in EHLO (RFC 5321 Domain or address
+    literal), worded to follow the name; None when it will do."""
+    if name.startswith("[") and name.endswith("]"):
+        literal = name[1:-1]
+        address = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+        version = 0
+        with contextlib.suppress(ValueError):
+            version = ipaddress.ip_address(address).version
+        if version != (6 if address is not literal else 4):
+            return "is not an address literal: write [192.0.2.1] for IPv4, [IPv6:2001:db8::1] for IPv6"
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return "is an address: write it as an address literal, [192.0.2.1] or [IPv6:2001:db8::1]"
+    if len(name) > 253 or not QUALIFIED_DOMAIN.fullmatch(name):
+        return (
+            "is not a fully qualified domain name (labels of letters, digits and inner hyphens joined by "
+            "dots, such as relay.office.example) nor an address literal such as [192.0.2.1]"
+        )
+    return None
+
+
+def machine_hostname() -> tuple[str, bool]:
+    """The machine's fully qualified name, and True; or, when it has none, <short name>.localdomain and False."""
+    fqdn = socket.getfqdn()
+    if hostname_problem(fqdn) is None and not fqdn.lower().startswith("localhost."):
+        return fqdn, True
+    short = socket.gethostname().partition(".")[0]
+    fallback = f"{short}.{FALLBACK_DOMAIN}"
+    if hostname_problem(fallback) is not None or short.lower() == "localhost":
+        fallback = f"localhost.{FALLBACK_DOMAIN}"
+    return fallback, False
+
+
 class ListenConfig(_Section):
     host: str = "127.0.0.1"
+    # The relay's own name in its greeting, its EHLO upstream, Received: lines and Message-IDs (Postfix's
+    # myhostname). null: the machine's fully qualified name.
+    hostname: str | None = None
     port: int = Field(default=1025, ge=0, le=65535)
     max_message_size: int = Field(default=52_428_800, ge=1024)
     max_recipients: int = Field(default=1000, ge=1)
@@ -65,7 +111,8 @@ class ListenConfig(_Section):
     auth: Literal["none", "optional", "required"] = "none"
     users_file: Path = Path("./users.yaml")
     max_connections: int = Field(default=200, ge=1)
-    max_connections_per_ip: int = Field(default=20, ge=1)
+    # Postfix's smtpd_client_connection_count_limit: an office behind one NAT address shares it.
+    max_connections_per_ip: int = Field(default=50, ge=1)
     # Failed logins per client address within 10 minutes before AUTH is refused for 10 minutes.
     max_auth_failures: int = Field(default=5, ge=1)
     # Seconds a client may take to send one command, or sit idle (Postfix's smtpd_timeout).
@@ -73,6 +120,8 @@ class ListenConfig(_Section):
     # Bytes per second a client must keep up while sending a message: the DATA deadline is
     # command_timeout plus size / min_data_rate (Postfix's smtpd_min_data_rate).
     min_data_rate: int = Field(default=500, ge=1)
+    # Seconds a client on an implicit-TLS port has to finish its TLS handshake; its slot is taken meanwhile.
+    tls_handshake_timeout: Duration = Field(default=10, gt=0)
     # Processes that serve the connections the supervisor accepts (relay/workers.py), so more than one core works.
     # Each worker applies max_connections, max_connections_per_ip and max_auth_failures on its own.
     workers: int = Field(default=1, ge=1, le=64)
@@ -87,12 +136,23 @@ class ListenConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _hostname_is_qualified(self) -> ListenConfig:
+        problem = hostname_problem(self.hostname) if self.hostname is not None else None
+        if problem is not None:
+            raise ValueError(f"hostname: {self.hostname!r} {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _tls_has_certificate(self) -> ListenConfig:
         if self.tls != "none" and (self.cert_file is None or self.key_file is None):
             raise ValueError(
                 f"tls is {self.tls!r}, so cert_file and key_file must both be set (PEM certificate chain and key)"
             )
         return self
+
+    def own_hostname(self) -> tuple[str, bool]:
+        """The name the relay gives itself, and False when it is a fallback for an unqualified machine name."""
+        return (self.hostname, True) if self.hostname is not None else machine_hostname()
 
     @property
     def backlog(self) -> int:
@@ -479,13 +539,21 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def check_passthrough_transport(config: Config) -> None:
-    """People's own passwords go to a passthrough upstream: never in clear text beyond this machine."""
+    """Passwords (people's own, for passthrough, or the relay's upstream.username) never cross the
+    network in clear text: tls none is for an upstream on this machine only."""
     upstreams = {"upstream": config.upstream, **{f"upstreams.{n}": u for n, u in config.upstreams.items()}}
     for key, upstream in upstreams.items():
-        if upstream.is_passthrough and upstream.tls == "none" and not is_loopback_host(upstream.host or ""):
+        if upstream.tls != "none" or upstream.host is None or is_loopback_host(upstream.host):
+            continue
+        if upstream.is_passthrough:
             raise ConfigError(
                 f"{key}.auth is passthrough but {key}.tls is none: each client's password would cross the "
                 f"network to {upstream.host} in clear text. Set {key}.tls: starttls or implicit"
+            )
+        if upstream.username:
+            raise ConfigError(
+                f"{key}.username is set but {key}.tls is none: the relay's login would cross the network to "
+                f"{upstream.host} in clear text. Set {key}.tls: starttls or implicit"
             )
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import ipaddress
 import re
 import secrets
+import ssl
 import time
+from asyncio import sslproto
 from base64 import b64decode
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ from email.utils import formatdate
 from typing import Any, AnyStr, Protocol, cast
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from relay.addresses import validate_envelope_address
 from relay.auth import Authenticator, from_header_refusal, sender_refusal
@@ -383,12 +386,23 @@ class RelayHandler:
         return reply
 
 
+def tls_failure_reason(error: BaseException) -> str:
+    """One line for the log: OpenSSL's reason (TLSV1_ALERT_UNKNOWN_CA, WRONG_VERSION_NUMBER) when it gave one."""
+    reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
+    if isinstance(error, ConnectionResetError | BrokenPipeError | EOFError) and not str(error):
+        reason = "the client closed the connection during the handshake"
+    text = str(reason or error) or type(error).__name__
+    return text.splitlines()[0]
+
+
 # NOOP, RSET, VRFY and HELP commands a client may send between messages (Postfix's default).
 JUNK_COMMAND_LIMIT = 100
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP, with admission (allowed networks, connection limits) and a DATA deadline."""
+    """aiosmtpd's SMTP, with admission (allowed networks, connection limits), a DATA deadline, and
+    implicit TLS begun only after admission, so a half-open handshake holds a counted slot for at most
+    tls_handshake_timeout seconds."""
 
     # Postfix accepts long lines too; many scripts send HTML on one line.
     line_length_limit = 65_536
@@ -400,6 +414,8 @@ class RelaySMTP(SMTP):
         slots: ConnectionSlots,
         command_timeout: float,
         min_data_rate: int,
+        implicit_tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = 10,
         **kwargs: Any,
     ) -> None:
         # aiosmtpd's own timer restarts at every command: that is the command timeout.
@@ -413,11 +429,13 @@ class RelaySMTP(SMTP):
         self._released = False
         self._data_deadline: float | None = None
         self._junk_commands = 0
+        self._implicit_tls = implicit_tls
+        self._tls_handshake_timeout = tls_handshake_timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._client is not None:
-            # Called a second time when STARTTLS completes: the client was admitted already, and
-            # aiosmtpd starts a new session, so a passthrough login of the old one ends here.
+            # Called a second time when STARTTLS or implicit TLS completes: the client was admitted
+            # already, and aiosmtpd starts a new session, so a passthrough login of the old one ends here.
             self._end_passthrough()
             super().connection_made(transport)
             return
@@ -441,16 +459,67 @@ class RelaySMTP(SMTP):
             self._refused = True
             return
         self._client = client
+        if self._implicit_tls is not None:
+            self._begin_implicit_tls(transport, self._implicit_tls)
+            return
         super().connection_made(transport)
+
+    def _begin_implicit_tls(self, transport: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
+        """TLS from the first byte, begun here rather than by the server, so that the handshake holds a
+        counted slot and must finish within tls_handshake_timeout. As aiosmtpd's STARTTLS does, with
+        asyncio's SSLProtocol, set up at once: loop.start_tls would leave a turn of the event loop in
+        which the ClientHello could reach this protocol instead."""
+        handshake = self.loop.create_future()
+        tls = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            context,
+            handshake,
+            server_side=True,
+            # typeshed says int; asyncio takes any number of seconds.
+            ssl_handshake_timeout=cast(int, self._tls_handshake_timeout),
+        )
+        handshake.add_done_callback(functools.partial(self._implicit_tls_done, transport))
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _implicit_tls_done(self, transport: asyncio.BaseTransport, handshake: asyncio.Future[None]) -> None:
+        """On success SSLProtocol has called connection_made with the encrypted transport (and aiosmtpd began)."""
+        if handshake.cancelled():
+            error: BaseException | None = ConnectionAbortedError("the relay is stopping")
+        else:
+            error = handshake.exception()
+        if error is None and self.session is not None:
+            return
+        self._log_tls_failure("implicit", error or ConnectionResetError())
+        transport.close()
+        self._release_slot()
+
+    def _log_tls_failure(self, tls: str, error: BaseException) -> None:
+        structlog.get_logger("relay").info(
+            "tls.handshake_failed", client=self._client, tls=tls, reason=tls_failure_reason(error)
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # aiosmtpd would log a traceback for a client's failed STARTTLS; its caller closes the connection.
+            self._log_tls_failure("starttls", error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
+        return await super().handle_exception(error)
+
+    def _release_slot(self) -> None:
+        # Once only: after a failed STARTTLS aiosmtpd may report the loss twice.
+        if self._client is not None and not self._released:
+            self._slots.release(self._client)
+            self._released = True
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         self._end_passthrough()
-        if self._client is not None and not self._released:
-            # Once only: after a failed STARTTLS aiosmtpd may report the loss twice.
-            self._slots.release(self._client)
-            self._released = True
+        self._release_slot()
+        if self.session is None:
+            return  # implicit TLS that never finished its handshake: aiosmtpd's session never began
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:

@@ -7,7 +7,6 @@ running the RelayServer here on connections it receives instead of accepting the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -110,7 +109,7 @@ class RelayServer:
         self._recover_spool = recover_spool
         self._channel = channel
         self._receiver: ConnectionReceiver | None = None
-        self.hostname = socket.gethostname()
+        self.hostname, self.hostname_qualified = config.listen.own_hostname()
         self.tls_context = client_tls_context(config.listen)
         self.passthrough = PassthroughLogins(config, self.hostname) if config.uses_passthrough else None
         self.authenticator = build_authenticator(config.listen, self.passthrough)
@@ -147,6 +146,8 @@ class RelayServer:
             hostname=self.hostname,
             ident="privacy-relay",
             tls_context=self.tls_context if listen.tls == "starttls" else None,
+            implicit_tls=self.tls_context if listen.tls == "implicit" else None,
+            tls_handshake_timeout=listen.tls_handshake_timeout,
             # The handler decides per connection: TLS, or a loopback client (see RelayHandler.handle_AUTH).
             auth_require_tls=False,
         )
@@ -166,25 +167,15 @@ class RelayServer:
             self._protocol,
             host=listen.host,
             port=listen.port,
-            ssl=self._implicit_tls,
             backlog=listen.backlog,
         )
 
-    @property
-    def _implicit_tls(self) -> ssl.SSLContext | None:
-        return self.tls_context if self.config.listen.tls == "implicit" else None
-
     async def _serve_connection(self, connection: socket.socket) -> None:
-        """A connection the supervisor accepted and handed to this worker."""
+        """A connection the supervisor accepted and handed to this worker (RelaySMTP does any TLS)."""
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection, ssl=self._implicit_tls)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # Only implicit TLS can fail here (a handshake); asyncio's own server drops those quietly too.
-            client = "unknown"
-            with contextlib.suppress(OSError):
-                client = str(connection.getpeername()[0])
-            structlog.get_logger("relay").info("client.tls_failed", client=client, error=str(exc) or type(exc).__name__)
-            connection.close()
+            await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection)
+        except OSError:
+            connection.close()  # the client left before the worker took the connection over
 
     @property
     def port(self) -> int:
@@ -254,6 +245,13 @@ async def serve(
     log = structlog.get_logger("relay")
     server = RelayServer(config, recover_spool, channel)
     warn_about_secret_files(config)
+    if not server.hostname_qualified:
+        log.warning(
+            "relay.hostname_not_qualified",
+            hostname=server.hostname,
+            hint="the machine has no fully qualified name; set listen.hostname (e.g. relay.office.example), "
+            "which receiving servers may require in EHLO",
+        )
     try:
         await server.start()
     except (OSError, sqlite3.Error, SpoolWriteError) as exc:
@@ -269,6 +267,7 @@ async def serve(
     log.info(
         "relay.started",
         listen=f"{config.listen.host}:{server.port}",
+        hostname=server.hostname,
         pid=os.getpid(),
         event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         destination=server.destination.label,

@@ -75,6 +75,15 @@ class RecordingHandler:
     quits: int = 0
     # Seconds before each DATA reply: a slow upstream.
     data_delay: float = 0.0
+    # The name each client gave in EHLO.
+    ehlo_names: list[str] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.ehlo_names.append(hostname)
+        session.host_name = hostname
+        return responses
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.quits += 1

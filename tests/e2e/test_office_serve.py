@@ -3,9 +3,14 @@ program with STARTTLS and AUTH, and `privacy-relay user add` creating the accoun
 
 from __future__ import annotations
 
+import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import RelayCertificate, Upstream
 from tests.e2e.conftest import CONSOLE_SCRIPT
@@ -77,3 +82,35 @@ def test_refused_clients_are_told_why_and_a_hang_up_frees_its_slot(serve_relay) 
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as holding:
         assert holding.recv(200).startswith(b"220 ")
         assert first_line(relay.port, "127.0.0.1").startswith(b"421 4.7.0 ")
+
+
+def unknown_ca_failures(relay) -> list[dict[str, object]]:
+    """Handshakes refused by a client that does not trust the relay's CA (not the fixture's own probe of the port)."""
+    return [
+        event
+        for event in relay.log_events()
+        if event.get("event") == "tls.handshake_failed" and "UNKNOWN_CA" in str(event["reason"])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tls", "workers"), [("starttls", "1"), ("implicit", "1"), ("starttls", "2"), ("implicit", "2")]
+)
+def test_a_desk_without_the_office_ca_leaves_one_log_event_and_no_traceback(
+    serve_relay, relay_certificate: RelayCertificate, tls: str, workers: str
+) -> None:
+    relay = serve_relay(**relay_certificate.listen_settings(tls), RELAY_LISTEN_WORKERS=workers)
+    desk_without_ca = ssl.create_default_context()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        if tls == "implicit":
+            smtplib.SMTP_SSL("127.0.0.1", relay.port, context=desk_without_ca, timeout=10)
+        else:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+                client.starttls(context=desk_without_ca)
+    assert wait_until(lambda: unknown_ca_failures(relay), limit=10)
+    relay.process.send_signal(signal.SIGTERM)
+    assert relay.process.wait(30) == 0
+    assert [(event["client"], event["tls"]) for event in unknown_ca_failures(relay)] == [("127.0.0.1", tls)]
+    log = relay.log_path.read_text()
+    assert "Traceback" not in log
+    assert all(line.startswith("{") for line in log.splitlines()), log

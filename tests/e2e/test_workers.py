@@ -84,7 +84,7 @@ def test_workers_serve_implicit_tls_on_the_connections_they_are_handed(
         assert len(list(outbox.glob("*.eml"))) == 4
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(20) == 0
-    assert b'"client.tls_failed"' in (tmp_path / "relay.log").read_bytes()
+    assert b'"tls.handshake_failed"' in (tmp_path / "relay.log").read_bytes()
 
 
 @pytest.mark.e2e

@@ -156,3 +156,15 @@ def test_a_client_that_only_sends_noop_is_told_to_go_and_sending_mail_resets_the
             client.noop()
     with smtplib.SMTP(relay.host, relay.port) as other:
         assert other.noop()[0] == 250
+
+
+def test_thirty_desks_behind_one_address_are_all_served_with_the_default_limits(
+    start_relay, upstream: Upstream
+) -> None:
+    relay = start_relay(upstream)
+    desks = [greeted(relay) for _ in range(30)]
+    try:
+        assert served(relay, "127.0.0.1")  # the 31st connection from the same address
+    finally:
+        for sock in desks:
+            sock.close()

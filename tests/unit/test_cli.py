@@ -233,3 +233,21 @@ def test_serve_refuses_an_open_relay(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "open relay" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_and_preview_name_the_relay_by_listen_hostname(tmp_path: Path, upstream: Upstream) -> None:
+    (tmp_path / "invitation.eml").write_bytes(INVITATION)
+    settings = {
+        "RELAY_LISTEN_HOSTNAME": "relay.office.test",
+        "RELAY_UPSTREAM_HOST": upstream.host,
+        "RELAY_UPSTREAM_PORT": str(upstream.port),
+        "RELAY_UPSTREAM_TLS": "none",
+    }
+
+    checked = run("check", cwd=tmp_path, **settings)
+    previewed = run("preview", "invitation.eml", cwd=tmp_path, **settings)
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "listen hostname: OK: relay.office.test" in checked.stdout
+    assert previewed.returncode == 0, previewed.stderr
+    assert previewed.stdout.count("\tby relay.office.test (privacy-relay)") == 6

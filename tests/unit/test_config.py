@@ -35,6 +35,8 @@ def test_defaults_match_the_documented_contract() -> None:
     assert config.listen.max_message_size == 52_428_800
     assert config.listen.max_recipients == 1000
     assert config.listen.allowed_networks == ()
+    assert config.listen.hostname is None
+    assert config.listen.max_connections_per_ip == 50
     assert config.upstream.host is None
     assert config.upstream.port == 587
     assert config.upstream.tls == "starttls"
@@ -287,3 +289,83 @@ def test_rate_limits_need_a_single_worker_because_each_process_counts_its_own() 
     with pytest.raises(ConfigError, match=r"upstream\.rate_limit.*listen\.workers"):
         load_config(None, {"RELAY_LISTEN_WORKERS": "2", "RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"})
     assert load_config(None, {"RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"}).listen.workers == 1
+
+
+@pytest.mark.parametrize(
+    "hostname", ["relay.office.example", "MAIL-1.Office.Example", "[192.0.2.25]", "[IPv6:2001:db8::25]"]
+)
+def test_listen_hostname_accepts_what_a_receiving_server_takes_in_ehlo(hostname: str) -> None:
+    assert load_config(None, {"RELAY_LISTEN_HOSTNAME": hostname}).listen.own_hostname() == (hostname, True)
+
+
+@pytest.mark.parametrize(
+    ("hostname", "why"),
+    [
+        ("vm", "not a fully qualified domain name"),
+        ("relay_1.office.example", "not a fully qualified domain name"),
+        ("-relay.office.example", "not a fully qualified domain name"),
+        ("relay.office.example.", "not a fully qualified domain name"),
+        ("192.0.2.25", "write it as an address literal"),
+        ("[IPv6:192.0.2.25]", "not an address literal"),
+        ("[2001:db8::25]", "not an address literal"),
+    ],
+)
+def test_listen_hostname_refuses_names_a_receiving_server_would_not_take(hostname: str, why: str) -> None:
+    message = error_of(environ={"RELAY_LISTEN_HOSTNAME": hostname})
+
+    assert "listen" in message and repr(hostname) in message and why in message
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "short", "expected"),
+    [
+        ("desk7.office.example", "desk7", ("desk7.office.example", True)),
+        ("localhost", "vm", ("vm.localdomain", False)),
+        ("vm", "vm", ("vm.localdomain", False)),
+        ("localhost.localdomain", "localhost", ("localhost.localdomain", False)),
+        ("under_score", "under_score", ("localhost.localdomain", False)),
+    ],
+)
+def test_the_default_hostname_is_the_machines_fqdn_or_a_localdomain_fallback(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str, short: str, expected: tuple[str, bool]
+) -> None:
+    monkeypatch.setattr("socket.getfqdn", lambda: fqdn)
+    monkeypatch.setattr("socket.gethostname", lambda: short)
+
+    assert load_config(None, {}).listen.own_hostname() == expected
+
+
+def test_a_clear_text_login_to_another_machine_is_refused_naming_both_keys() -> None:
+    message = error_of(
+        environ={
+            "RELAY_UPSTREAM_HOST": "192.0.2.25",
+            "RELAY_UPSTREAM_TLS": "none",
+            "RELAY_UPSTREAM_USERNAME": "relay",
+            "RELAY_UPSTREAM_PASSWORD": "secret",
+        }
+    )
+
+    assert "upstream.username" in message and "upstream.tls" in message and "clear text" in message
+
+
+def test_a_clear_text_login_to_this_machine_is_accepted() -> None:
+    environ = {
+        "RELAY_UPSTREAM_HOST": "127.0.0.1",
+        "RELAY_UPSTREAM_TLS": "none",
+        "RELAY_UPSTREAM_USERNAME": "relay",
+        "RELAY_UPSTREAM_PASSWORD": "secret",
+    }
+    assert load_config(None, environ).upstream.username == "relay"
+
+
+def test_a_clear_text_login_to_a_named_upstream_elsewhere_is_refused(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("secret")
+    path = write_yaml(
+        tmp_path,
+        f"upstreams:\n  isp:\n    host: 192.0.2.26\n    tls: none\n    username: relay\n"
+        f"    password_file: {password}\n",
+    )
+    message = error_of(path)
+
+    assert "upstreams.isp.username" in message and "upstreams.isp.tls" in message

@@ -142,3 +142,26 @@ def test_on_a_terminal_two_different_passwords_change_nothing(tmp_path: Path) ->
     assert code == 1
     assert "the two passwords differ" in transcript
     assert not (tmp_path / "users.yaml").exists()
+
+
+def test_add_says_which_file_it_changed_and_warns_when_it_is_only_the_default(tmp_path: Path) -> None:
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RELAY_")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = tmp_path / "relay.yaml"
+    config.write_text(f"listen:\n  users_file: {tmp_path / 'office-users.yaml'}\n")
+
+    def add(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "relay", "user", "add", "kay", *options]
+        return subprocess.run(
+            command, input=PASSWORD, capture_output=True, text=True, cwd=elsewhere, env=environment, timeout=60
+        )
+
+    unconfigured = add()
+    assert unconfigured.returncode == 0, unconfigured.stderr
+    assert f"in {elsewhere / 'users.yaml'}:" in unconfigured.stdout
+    assert "--config" in unconfigured.stderr and "listen.users_file is not set" in unconfigured.stderr
+    configured = add("--config", str(config))
+    assert configured.returncode == 0, configured.stderr
+    assert f"in {tmp_path / 'office-users.yaml'}:" in configured.stdout
+    assert "listen.users_file is not set" not in configured.stderr
