@@ -153,6 +153,14 @@ class PostfixRelay:
         assert self.master_pid is not None
         return self.master_pid
 
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    @property
+    def session_ids(self) -> tuple[int, ...]:
+        return (self.session_id,)
+
     def stop(self) -> None:
         self._postfix("stop")
         if self.master_pid is not None:

@@ -23,10 +23,10 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from bench.postgres import PASSWORD, PrivateCluster, server_binaries
 from relay.config import Config, load_config
 from relay.server import RelayServer
 from tests.oauth_server import TokenEndpoint
-from tests.support.postgres import PASSWORD, PrivateCluster, server_binaries
 
 LOOPBACK = "127.0.0.1"
 

@@ -8,9 +8,9 @@ import asyncio
 import asyncpg
 import pytest
 
+from bench.postgres import PASSWORD, PrivateCluster
 from relay.postgres_spool import MIGRATIONS, PostgresSpool
 from relay.spool import CopyResult, Progress, SpoolWriteError
-from tests.support.postgres import PASSWORD, PrivateCluster
 from tests.unit.test_spool import message
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from bench.postgres import PASSWORD
 from relay.postgres_spool import PostgresSpool
 from relay.spool import (
     BLOB_SLICE,
@@ -26,7 +27,6 @@ from relay.spool import (
     SpoolWriteError,
     SqliteSpool,
 )
-from tests.support.postgres import PASSWORD
 
 BODY = b"Hello.\r\n" * 100
 

@@ -1,5 +1,6 @@
-"""A private PostgreSQL cluster for the tests: Debian's server binaries, initdb in a temporary folder,
-listening on 127.0.0.1 only (a free port) and on a Unix socket in that folder, never the system's cluster.
+"""A private PostgreSQL cluster for the benchmark and the tests: Debian's server binaries, initdb in a
+temporary folder, listening on 127.0.0.1 only (a free port) and on a Unix socket in that folder, never
+the system's cluster.
 
 initdb refuses to run as root, so as root the cluster belongs to the `postgres` user (runuser). Logins
 over TCP need the password (scram-sha-256), as a real deployment would; fsync stays on.
@@ -105,6 +106,11 @@ class PrivateCluster:
     def log(self) -> str:
         path = self.root / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def session_id(self) -> int:
+        """pg_ctl starts the server in a session of its own; its daemons stay in it."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def destroy(self) -> None:
         if (self.data / "postmaster.pid").exists():
