@@ -19,12 +19,18 @@ class PrivacyCheckFailed(SmtpReply):
     """A rewritten copy still named another protected recipient: nothing is sent."""
 
     def __init__(self, leak: Leak, decision: Decision) -> None:
+        where = (
+            f"the text of the message starts with lines that look like header fields ({leak.field}), which "
+            "would show one to another recipient. Remove other recipients' addresses from the top of the text"
+            if leak.in_body
+            else f"the {leak.field} header would still show one to another recipient. Remove other "
+            f"recipients' addresses from {leak.field}"
+        )
         super().__init__(
             554,
             "5.7.1",
-            f"Not sent: privacy-relay could not hide every recipient's address: the {leak.field} "
-            "header would still show one to another recipient. Remove other recipients' addresses "
-            f"from {leak.field} (or put the recipients in Bcc) and send it again.",
+            f"Not sent: privacy-relay could not hide every recipient's address: {where} "
+            "(or put the recipients in Bcc) and send it again.",
         )
         self.leak = leak
         self.decision = decision
@@ -53,7 +59,7 @@ def prepare(
     for plan, copy in zip(decision.copies, copies, strict=True):
         if not plan.leak_checked:
             continue
-        leak = checker.find(copy.headers, plan.may_show)
+        leak = checker.find(copy.headers, plan.may_show, copy.body)
         if leak is not None:
             raise PrivacyCheckFailed(leak, decision)
     return Prepared(decision, copies)

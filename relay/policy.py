@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from relay.addresses import Mailbox, mentioned_addresses, normalize_address, normalize_domain, parse_address_list
+from relay.addresses import Mailbox, normalize_address, normalize_domain, parse_address_list
 from relay.config import PolicyConfig
 from relay.content import scan_content
 from relay.errors import SmtpReply
+from relay.leakcheck import LeakChecker
 from relay.message import ParsedMessage
 
 # Headers whose addresses every recipient reads as "who else got this".
@@ -106,17 +107,17 @@ def visible_mailboxes(message: ParsedMessage) -> list[tuple[str, Mailbox]]:
     return found
 
 
-def _mentioned(message: ParsedMessage, protected: frozenset[str]) -> list[tuple[str, str]]:
+def _mentioned(message: ParsedMessage, checker: LeakChecker) -> list[tuple[str, str]]:
     """(field key, protected key) for protected addresses written anywhere a recipient can read.
 
-    Display names and comments in To/Cc, Reply-To, trace fields, even the Subject: whatever stays in
-    a copy is read by its recipient.
+    Display names and comments in To/Cc, Reply-To, trace fields, even the Subject or a field's name:
+    whatever stays in a copy is read by its recipient. Read by the leak checker itself, so that what
+    the decision calls unexposed is what the check of its copies lets through.
     """
     found: list[tuple[str, str]] = []
     for header in message.fields:
-        if header.key in REMOVED_FIELDS or "@" not in header.value:
-            continue
-        found.extend((header.key, key) for key in mentioned_addresses(header.value) & protected)
+        if header.key not in REMOVED_FIELDS:
+            found.extend((header.key, key) for key in sorted(checker.keys_in(header.name, header.value)))
     return found
 
 
@@ -162,7 +163,7 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicyConfig) -> 
     candidate_keys = set(recipient_keys) | {m.key for _, m in visible}
     protected = frozenset(k for k in candidate_keys if is_protected(k))
     exposing = [(name, m.key) for name, m in visible if m.key in protected]
-    exposing += _mentioned(message, protected)
+    exposing += _mentioned(message, LeakChecker(protected))
     shown_anywhere = {key for _, key in exposing}
     exposed_fields = tuple(dict.fromkeys(_field_label(name) for name, _ in exposing))
     always_visible = tuple((name, m) for name, m in visible if m.key in always_visible_keys and name in ("to", "cc"))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relay.addresses import Mailbox, fold_field, format_mailbox, mentioned_addresses, parse_address_list
+from relay.leakcheck import LeakChecker
 from relay.message import HeaderField, ParsedMessage, serialize
 from relay.policy import REMOVED_FIELDS, CopyPlan, Decision
 
@@ -121,14 +122,18 @@ def _safe_shown(mailbox: Mailbox, protected: frozenset[str], may_show: frozenset
     return mailbox
 
 
-def _reply_item(mailbox: Mailbox, protected: frozenset[str]) -> str | None:
+def _reply_item(mailbox: Mailbox, protected: frozenset[str], reader: LeakChecker) -> str | None:
     """A reply-field mailbox as written, without a display name naming another protected address;
-    None when even its bare address does (junk such as =?utf-8?q?bob@example.com?=)."""
-    own = {mailbox.key}
+    None when even its bare address does (junk such as =?utf-8?q?bob@example.com?= or bob@example.com--x)."""
+    own = frozenset({mailbox.key})
+
+    def shows_another(text: str) -> bool:
+        return bool((mentioned_addresses(text) & protected) - own or reader.keys_in("", text, own))
+
     text = format_mailbox(mailbox)
-    if (mentioned_addresses(text) & protected) - own:
+    if shows_another(text):
         text = mailbox.address
-        if (mentioned_addresses(text) & protected) - own:
+        if shows_another(text):
             return None
     return text
 
@@ -141,6 +146,8 @@ def _without_tag(field: HeaderField, tag: str) -> bytes:
 
 
 def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFacts]:
+    # The leak check's reading too, so that a field it would refuse is dropped or filtered here instead.
+    reader = LeakChecker(protected)
     facts = []
     for header in message.fields:
         if header.key in REPLY_FIELDS:
@@ -150,17 +157,22 @@ def _facts(message: ParsedMessage, protected: frozenset[str]) -> list[_FieldFact
             for position, mailbox in enumerate(parse_address_list(header.value)):
                 key = mailbox.key
                 keys.add(key)
-                text = _reply_item(mailbox, protected)
+                text = _reply_item(mailbox, protected, reader)
                 if text is None:
                     continue
                 if key in protected:
                     protected_items.setdefault(key, []).append((position, text))
                 else:
                     kept_by_all.append((position, text))
-            mentions = frozenset((keys | mentioned_addresses(header.value)) & protected)
+            mentions = frozenset((keys | mentioned_addresses(header.value)) & protected) | reader.keys_in(
+                header.name, header.value
+            )
             facts.append(_FieldFacts(header, mentions, tuple(kept_by_all), protected_items))
         elif is_trace_field(header.key):
-            facts.append(_FieldFacts(header, frozenset(mentioned_addresses(header.value) & protected), (), {}))
+            mentions = frozenset(mentioned_addresses(header.value) & protected) | reader.keys_in(
+                header.name, header.value
+            )
+            facts.append(_FieldFacts(header, mentions, (), {}))
         else:
             facts.append(_FieldFacts(header, frozenset(), (), {}))
     return facts

@@ -96,3 +96,19 @@ def test_a_leak_is_logged_as_a_policy_failure_with_its_header(start_relay, upstr
         client.sendmail("coach@coaching.test", [ANN, BOB], data)
     [failure] = [e for e in events if e["event"] == "policy.failure"]
     assert failure["header"] == "X-Note" and failure["leaked"] == BOB
+
+
+def test_an_address_glued_into_a_field_or_its_name_is_refused_over_smtp(start_relay, upstream: Upstream) -> None:
+    relay = start_relay(upstream)
+    cara = "cara@three.test"
+    with smtplib.SMTP(relay.host, relay.port) as client:
+        for field, name in ((f'Subject: team "b"{cara}', b"Subject"), (f"{BOB}-Note: hello", f"{BOB}-Note".encode())):
+            data = f"From: coach@coaching.test\r\nTo: undisclosed-recipients:;\r\n{field}\r\n\r\nHi\r\n".encode()
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("coach@coaching.test", [ANN, BOB, cara], data)
+            assert refused.value.smtp_code == 554 and name in refused.value.smtp_error
+        top = f"To: {ANN}, {BOB}\r\n\r\nHi\r\n".encode()
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("coach@coaching.test", [ANN, BOB], b"From: coach@coaching.test\r\n\r\n" + top)
+        assert refused.value.smtp_code == 554 and b"text of the message" in refused.value.smtp_error
+    assert upstream.messages == []
