@@ -131,6 +131,8 @@ class PostgresSpool:
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         # The fencing counter of each copy this process holds, as its claim set it.
         self._fences: dict[int, int] = {}
+        # The server's synchronous_commit, for the commits that a client's 250 waits for.
+        self._durable_commit = "on"
         self.log = structlog.get_logger("relay")
 
     @property
@@ -141,6 +143,12 @@ class PostgresSpool:
     async def open(self) -> None:
         """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
         try:
+            connection = await asyncpg.connect(self._url, password=self._password, timeout=CONNECT_TIMEOUT)
+            try:
+                await self._migrate(connection)
+                self._durable_commit = await connection.fetchval("SHOW synchronous_commit")
+            finally:
+                await connection.close()
             self._pool = await asyncpg.create_pool(
                 self._url,
                 password=self._password,
@@ -149,21 +157,21 @@ class PostgresSpool:
                 min_size=0,
                 max_size=POOL_SIZE,
                 command_timeout=COMMAND_TIMEOUT,
+                # Claims and results, one per copy, do not wait for the WAL flush; a new message (its 250)
+                # and a bounce set the server's own setting back for their transaction (_run).
+                server_settings={"synchronous_commit": "off"},
             )
-            async with self._pool.acquire() as connection:
-                await self._migrate(connection)
-                commit_mode = await connection.fetchval("SHOW synchronous_commit")
         except _UNAVAILABLE as exc:
             await self.close()
             raise _unavailable(exc) from exc
-        if commit_mode == "off":
+        if self._durable_commit == "off":
             self.log.warning(
                 "spool.synchronous_commit_off",
                 hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
             )
         self._listening = asyncio.get_running_loop().create_task(self._listen())
 
-    async def _migrate(self, connection: Connection) -> None:
+    async def _migrate(self, connection: asyncpg.Connection[asyncpg.Record]) -> None:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
             await connection.execute("CREATE TABLE IF NOT EXISTS privacy_relay_schema (version integer NOT NULL)")
@@ -214,11 +222,21 @@ class PostgresSpool:
             raise closed_spool_error()
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                if not durable:
-                    await connection.execute("SET LOCAL synchronous_commit = off")
+                if durable:
+                    await connection.execute("SELECT set_config('synchronous_commit', $1, true)", self._durable_commit)
                 return await work(connection)
         except asyncpg.UniqueViolationError:
             raise
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """work outside a transaction: reads, each statement on its own."""
+        if self._pool is None:
+            raise closed_spool_error()
+        try:
+            async with self._pool.acquire() as connection:
+                return await work(connection)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
@@ -367,8 +385,11 @@ class PostgresSpool:
         fence = self._fences.get(result.copy_id)
 
         async def update(connection: Connection) -> Progress:
+            # The message's row is locked too: the copies of one message, recorded at once by several
+            # connections, then take turns, so exactly one of them sees that none is left.
             row = await connection.fetchrow(
-                "SELECT message_id, headers, lease_owner, fence FROM copies WHERE id = $1 FOR UPDATE",
+                "SELECT c.message_id, c.headers, c.lease_owner, c.fence FROM copies c"
+                " JOIN messages m ON m.id = c.message_id WHERE c.id = $1 FOR NO KEY UPDATE",
                 result.copy_id,
             )
             if row is None:
@@ -380,9 +401,12 @@ class PostgresSpool:
             message_id, headers = row["message_id"], row["headers"]
             if result.delivered:
                 await connection.execute(
-                    "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)", result.sent_at, len(result.delivered)
+                    "WITH expired AS (DELETE FROM sends WHERE sent_at < $1)"
+                    " INSERT INTO sends (sent_at, recipients) VALUES ($2, $3)",
+                    result.sent_at - _DAY,
+                    result.sent_at,
+                    len(result.delivered),
                 )
-                await connection.execute("DELETE FROM sends WHERE sent_at < $1", result.sent_at - _DAY)
             if result.failed:
                 await connection.executemany(
                     "INSERT INTO failures (message_id, recipient, reply, headers) VALUES ($1, $2, $3, $4)",
@@ -400,14 +424,21 @@ class PostgresSpool:
                     result.copy_id,
                 )
                 return Progress.SENDING
-            await connection.execute("DELETE FROM copies WHERE id = $1", result.copy_id)
-            if await connection.fetchval("SELECT 1 FROM copies WHERE message_id = $1 LIMIT 1", message_id):
+            # One statement: the copy goes, and with every copy delivered the message (its recipient list) too.
+            left = await connection.fetchrow(
+                "WITH gone AS (DELETE FROM copies WHERE id = $1),"
+                " standing AS (SELECT EXISTS (SELECT 1 FROM copies WHERE message_id = $2 AND id <> $1) AS sending,"
+                " EXISTS (SELECT 1 FROM failures WHERE message_id = $2) AS failed),"
+                " forgotten AS (DELETE FROM messages WHERE id = $2"
+                " AND NOT (SELECT sending OR failed FROM standing))"
+                " SELECT sending, failed FROM standing",
+                result.copy_id,
+                message_id,
+            )
+            assert left is not None
+            if left["sending"]:
                 return Progress.SENDING
-            if await connection.fetchval("SELECT 1 FROM failures WHERE message_id = $1 LIMIT 1", message_id):
-                return Progress.SETTLED
-            # Every copy delivered: the recipient list goes now, in the same commit.
-            await connection.execute("DELETE FROM messages WHERE id = $1", message_id)
-            return Progress.DELIVERED
+            return Progress.SETTLED if left["failed"] else Progress.DELIVERED
 
         progress = await self._run(update, durable=False)
         self._fences.pop(result.copy_id, None)
@@ -418,7 +449,7 @@ class PostgresSpool:
             value = await connection.fetchval("SELECT min(next_attempt) FROM copies")
             return None if value is None else float(value)
 
-        return await self._run(earliest, durable=False)
+        return await self._read(earliest)
 
     async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
         async def find(connection: Connection) -> list[SettledMessage]:
@@ -462,13 +493,13 @@ class PostgresSpool:
             )
             return [(float(row["sent_at"]), int(row["recipients"])) for row in rows]
 
-        return await self._run(sends, durable=False)
+        return await self._read(sends)
 
     async def summaries(self) -> list[MessageSummary]:
-        return await self._run(lambda connection: _summaries(connection, None), durable=False)
+        return await self._read(lambda connection: _summaries(connection, None))
 
     async def summary(self, message_id: str) -> MessageSummary | None:
-        found = await self._run(lambda connection: _summaries(connection, message_id), durable=False)
+        found = await self._read(lambda connection: _summaries(connection, message_id))
         return found[0] if found else None
 
     async def retry_now(self, now: float, message_id: str | None) -> int:

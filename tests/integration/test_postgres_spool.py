@@ -120,3 +120,18 @@ async def test_while_the_database_is_down_new_mail_gets_451_and_then_goes_in_aga
         assert [m.id for m in await spool.summaries()] == ["M1", "M3"]
     finally:
         await spool.close()
+
+
+async def test_copies_of_one_message_recorded_at_once_forget_it_exactly_once(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    try:
+        await spool.store(message("M1", [f"r{n}@x.test" for n in range(10)]))
+        copies = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+        progress = await asyncio.gather(
+            *(spool.record(CopyResult(c.id, delivered=c.recipients, sent_at=1001.0)) for c in copies)
+        )
+        assert progress.count(Progress.DELIVERED) == 1
+        assert await spool.summaries() == []
+    finally:
+        await spool.close()
