@@ -7,7 +7,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
-RUN /opt/venv/bin/pip install --no-cache-dir .
+# With the PostgreSQL driver, so the same image runs as one of several relays sharing a spool (spool.url).
+RUN /opt/venv/bin/pip install --no-cache-dir '.[postgres]'
 
 FROM python:3.12-slim
 LABEL org.opencontainers.image.title="privacy-relay" \
