@@ -7,10 +7,11 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
   the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
   nobody unlocks anything by hand.
 - New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
-- A message is acknowledged (250) only once its transaction committed, with the server's
-  synchronous_commit (on by default: the commit is on the primary's disk). Claims and results commit
-  with synchronous_commit off, as the SQLite spool does not fsync them: a crash of the database can only
-  repeat a copy.
+- A message is acknowledged (250) only once it is committed, with the server's synchronous_commit
+  (on by default: the commit is on the primary's disk). Claims and results commit with
+  synchronous_commit off, as the SQLite spool does not fsync them: a crash of the database can only
+  repeat a copy. A message and its copies are one statement, a copy's result is one statement (and a
+  second to forget the message after its last copy): round trips are what a shared spool costs.
 - The database unreachable is SpoolWriteError 451 4.3.0; the pool reconnects by itself on a later call.
 """
 
@@ -55,7 +56,11 @@ MIGRATIONS = (
         upstream text,
         is_bounce boolean NOT NULL,
         received_at double precision NOT NULL,
-        body bytea NOT NULL
+        body bytea NOT NULL,
+        -- Counted down by each copy's last result, in the same statement: the copies of one message
+        -- recorded at once by several relays take turns on this row, and exactly one sees 0.
+        copies_left integer NOT NULL,
+        failed boolean NOT NULL DEFAULT false
     );
     CREATE TABLE copies (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -97,13 +102,35 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 # Seconds between attempts to listen again after the notification connection was lost.
 LISTEN_RETRY = 2.0
-_DAY = 86_400.0
 
 _T = TypeVar("_T")
 # Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 # What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
 # (InternalClientError: a connection cut while a query was on it.)
+# record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
+_FORGET_COPY = "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+_KEEP_FOR_RETRY = (
+    "UPDATE copies SET state = $9, recipients = $10, next_attempt = $11, last_reply = $12,"
+    " attempts = attempts + $13, lease_owner = NULL"
+    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+)
+# The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
+# counted down when the copy is done ($4 sent_at, $5 recipients delivered, $6 and $7 failed recipients and
+# replies, $8 1 when the copy is done).
+_RECORD_REST = (
+    "), expired AS (DELETE FROM sends WHERE sent_at < $4 - 86400),"  # a day: as far back as rate limits look
+    " sent AS (INSERT INTO sends (sent_at, recipients) SELECT $4, $5 FROM copy WHERE $5 > 0),"
+    " failures AS (INSERT INTO failures (message_id, recipient, reply, headers)"
+    " SELECT copy.message_id, f.recipient, f.reply, copy.headers FROM copy,"
+    " unnest($6::text[], $7::text[]) AS f(recipient, reply)),"
+    " message AS (UPDATE messages m SET copies_left = copies_left - $8::integer,"
+    " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
+    " RETURNING m.id, m.copies_left, m.failed)"
+    " SELECT id, copies_left, failed FROM message"
+)
+_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
+_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
 _UNAVAILABLE = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -124,15 +151,16 @@ class PostgresSpool:
     def __init__(self, url: str, password: str | None = None) -> None:
         self._url = url
         self._password = password
-        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # Two pools: commits a client's 250 waits for (the server's synchronous_commit), and claims and
+        # results, one per copy, which do not wait for the WAL flush (a database crash only repeats a copy).
+        self._durable: asyncpg.Pool[asyncpg.Record] | None = None
+        self._fast: asyncpg.Pool[asyncpg.Record] | None = None
         self._listening: asyncio.Task[None] | None = None
         self._wake: Callable[[], None] | None = None
         # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         # The fencing counter of each copy this process holds, as its claim set it.
         self._fences: dict[int, int] = {}
-        # The server's synchronous_commit, for the commits that a client's 250 waits for.
-        self._durable_commit = "on"
         self.log = structlog.get_logger("relay")
 
     @property
@@ -143,35 +171,34 @@ class PostgresSpool:
     async def open(self) -> None:
         """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
         try:
-            connection = await asyncpg.connect(self._url, password=self._password, timeout=CONNECT_TIMEOUT)
-            try:
+            self._durable = await self._create_pool({})
+            async with self._durable.acquire() as connection:
                 await self._migrate(connection)
-                self._durable_commit = await connection.fetchval("SHOW synchronous_commit")
-            finally:
-                await connection.close()
-            self._pool = await asyncpg.create_pool(
-                self._url,
-                password=self._password,
-                timeout=CONNECT_TIMEOUT,
-                # No floor: asyncpg would keep reconnecting it (and logging each failure) while the database is down.
-                min_size=0,
-                max_size=POOL_SIZE,
-                command_timeout=COMMAND_TIMEOUT,
-                # Claims and results, one per copy, do not wait for the WAL flush; a new message (its 250)
-                # and a bounce set the server's own setting back for their transaction (_run).
-                server_settings={"synchronous_commit": "off"},
-            )
+                durable_commit = await connection.fetchval("SHOW synchronous_commit")
+            self._fast = await self._create_pool({"synchronous_commit": "off"})
         except _UNAVAILABLE as exc:
             await self.close()
             raise _unavailable(exc) from exc
-        if self._durable_commit == "off":
+        if durable_commit == "off":
             self.log.warning(
                 "spool.synchronous_commit_off",
                 hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
             )
         self._listening = asyncio.get_running_loop().create_task(self._listen())
 
-    async def _migrate(self, connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    async def _create_pool(self, settings: dict[str, str]) -> asyncpg.Pool[asyncpg.Record]:
+        return await asyncpg.create_pool(
+            self._url,
+            password=self._password,
+            timeout=CONNECT_TIMEOUT,
+            # No floor: asyncpg would keep reconnecting it (and logging each failure) while the database is down.
+            min_size=0,
+            max_size=POOL_SIZE,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=settings,
+        )
+
+    async def _migrate(self, connection: Connection) -> None:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
             await connection.execute("CREATE TABLE IF NOT EXISTS privacy_relay_schema (version integer NOT NULL)")
@@ -218,25 +245,28 @@ class PostgresSpool:
 
     async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
         """work in a transaction of its own; durable=False commits without waiting for the WAL flush."""
-        if self._pool is None:
-            raise closed_spool_error()
-        try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                if durable:
-                    await connection.execute("SELECT set_config('synchronous_commit', $1, true)", self._durable_commit)
-                return await work(connection)
-        except asyncpg.UniqueViolationError:
-            raise
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+        return await self._statements(work, durable, transaction=True)
 
     async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
-        """work outside a transaction: reads, each statement on its own."""
-        if self._pool is None:
+        """work's statements each on its own: reads, which commit nothing."""
+        return await self._statements(work, durable=False)
+
+    async def _statements(
+        self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True, transaction: bool = False
+    ) -> _T:
+        """work on a connection of the durable or the fast pool, each statement committed on its own
+        (work that is one statement) unless transaction."""
+        pool = self._durable if durable else self._fast
+        if pool is None:
             raise closed_spool_error()
         try:
-            async with self._pool.acquire() as connection:
-                return await work(connection)
+            async with pool.acquire() as connection:
+                if not transaction:
+                    return await work(connection)
+                async with connection.transaction():
+                    return await work(connection)
+        except asyncpg.UniqueViolationError:
+            raise
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
@@ -244,18 +274,30 @@ class PostgresSpool:
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
     ) -> tuple[int, ...]:
         async def insert(connection: Connection) -> tuple[int, ...]:
-            return await self._insert(connection, message)
+            ids = await self._insert(connection, message)
+            if any(not copy.claimed_until for copy in message.copies):
+                # Sent after the commit: a relay it wakes finds the copies there.
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return ids
 
-        ids = await self._run(insert)
+        ids = await self._statements(insert)
         # Committed means durable here: the callback and the return come together.
         if committed is not None:
             committed(ids)
         return ids
 
     async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
-        await connection.execute(
-            "INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        """The message and its copies in one statement; their ids in order."""
+        copies = message.copies
+        rows = await connection.fetch(
+            "WITH message AS (INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body,"
+            " copies_left) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)"
+            " INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
+            " fence) SELECT message.id, c.position, c.kind, c.recipients, c.headers, c.state, c.next_attempt,"
+            " c.owner, c.fence FROM message, unnest($9::integer[], $10::text[], $11::text[], $12::bytea[],"
+            " $13::text[], $14::float8[], $15::text[], $16::bigint[])"
+            " AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
+            " RETURNING id, position",
             message.id,
             message.mail_from,
             message.smtputf8,
@@ -263,15 +305,7 @@ class PostgresSpool:
             message.is_bounce,
             message.received_at,
             message.body,
-        )
-        copies = message.copies
-        rows = await connection.fetch(
-            "INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
-            " fence) SELECT $1, c.position, c.kind, c.recipients, c.headers, c.state, c.next_attempt, c.owner, c.fence"
-            " FROM unnest($2::integer[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::float8[], $8::text[],"
-            " $9::bigint[]) AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
-            " RETURNING id, position",
-            message.id,
+            len(copies),
             list(range(len(copies))),
             [copy.kind for copy in copies],
             [join_lines(copy.recipients) for copy in copies],
@@ -285,9 +319,6 @@ class PostgresSpool:
         for copy, copy_id in zip(copies, ids, strict=True):
             if copy.claimed_until:
                 self._fences[copy_id] = 1
-        if any(not copy.claimed_until for copy in copies):
-            # Delivered to every listening relay when this transaction commits, not before.
-            await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
         return ids
 
     async def recover(self) -> int:
@@ -382,67 +413,52 @@ class PostgresSpool:
         await self._run(delay, durable=False)
 
     async def record(self, result: CopyResult) -> Progress:
-        fence = self._fences.get(result.copy_id)
+        fence = self._fences.pop(result.copy_id, None)
+        failed = [recipient for recipient, _ in result.failed]
+        replies = [reply for _, reply in result.failed]
+        delivered = len(result.delivered)
 
         async def update(connection: Connection) -> Progress:
-            # The message's row is locked too: the copies of one message, recorded at once by several
-            # connections, then take turns, so exactly one of them sees that none is left.
+            # One statement, which only touches the copy while this relay's lease on it stands. It keeps
+            # the failures and counts the send; a retry puts the copy back, a last result counts the
+            # message's copies down.
             row = await connection.fetchrow(
-                "SELECT c.message_id, c.headers, c.lease_owner, c.fence FROM copies c"
-                " JOIN messages m ON m.id = c.message_id WHERE c.id = $1 FOR NO KEY UPDATE",
+                _RECORD_RETRY if result.retry else _RECORD_LAST,
                 result.copy_id,
+                self.owner,
+                fence,
+                result.sent_at,
+                delivered,
+                failed,
+                replies,
+                0 if result.retry else 1,
+                *(
+                    (
+                        QUEUED,
+                        join_lines(result.retry),
+                        result.next_attempt,
+                        result.last_reply,
+                        int(result.counts_as_attempt),
+                    )
+                    if result.retry
+                    else ()
+                ),
             )
             if row is None:
-                return Progress.SENDING  # deleted with `queue delete` while it was being sent
-            if row["lease_owner"] != self.owner or row["fence"] != fence:
-                # Our lease ran out and another relay claimed the copy: its result, not this late one, stands.
-                self.log.warning("spool.lease_lost", copy=result.copy_id, owner=row["lease_owner"])
+                # Deleted with `queue delete`, or our lease ran out and another relay claimed the copy:
+                # its result, not this late one, stands.
+                self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
                 return Progress.SENDING
-            message_id, headers = row["message_id"], row["headers"]
-            if result.delivered:
-                await connection.execute(
-                    "WITH expired AS (DELETE FROM sends WHERE sent_at < $1)"
-                    " INSERT INTO sends (sent_at, recipients) VALUES ($2, $3)",
-                    result.sent_at - _DAY,
-                    result.sent_at,
-                    len(result.delivered),
-                )
-            if result.failed:
-                await connection.executemany(
-                    "INSERT INTO failures (message_id, recipient, reply, headers) VALUES ($1, $2, $3, $4)",
-                    [(message_id, recipient, reply, headers) for recipient, reply in result.failed],
-                )
-            if result.retry:
-                await connection.execute(
-                    "UPDATE copies SET state = $1, recipients = $2, next_attempt = $3, last_reply = $4,"
-                    " attempts = attempts + $5, lease_owner = NULL WHERE id = $6",
-                    QUEUED,
-                    join_lines(result.retry),
-                    result.next_attempt,
-                    result.last_reply,
-                    int(result.counts_as_attempt),
-                    result.copy_id,
-                )
+            if result.retry or row["copies_left"] > 0:
                 return Progress.SENDING
-            # One statement: the copy goes, and with every copy delivered the message (its recipient list) too.
-            left = await connection.fetchrow(
-                "WITH gone AS (DELETE FROM copies WHERE id = $1),"
-                " standing AS (SELECT EXISTS (SELECT 1 FROM copies WHERE message_id = $2 AND id <> $1) AS sending,"
-                " EXISTS (SELECT 1 FROM failures WHERE message_id = $2) AS failed),"
-                " forgotten AS (DELETE FROM messages WHERE id = $2"
-                " AND NOT (SELECT sending OR failed FROM standing))"
-                " SELECT sending, failed FROM standing",
-                result.copy_id,
-                message_id,
-            )
-            assert left is not None
-            if left["sending"]:
-                return Progress.SENDING
-            return Progress.SETTLED if left["failed"] else Progress.DELIVERED
+            if row["failed"]:
+                return Progress.SETTLED
+            # Every copy delivered: the recipient list goes now. (Lost to a crash here, the message is
+            # found settled with nothing to bounce, and retired then.)
+            await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
+            return Progress.DELIVERED
 
-        progress = await self._run(update, durable=False)
-        self._fences.pop(result.copy_id, None)
-        return progress
+        return await self._statements(update, durable=False)
 
     async def next_due(self) -> float | None:
         async def earliest(connection: Connection) -> float | None:
@@ -455,7 +471,7 @@ class PostgresSpool:
         async def find(connection: Connection) -> list[SettledMessage]:
             rows = await connection.fetch(
                 "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
-                " WHERE NOT EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"
+                " WHERE copies_left = 0"
                 " AND ($1::text IS NULL OR m.id = $1)",
                 message_id,
             )
@@ -527,8 +543,9 @@ class PostgresSpool:
             listening.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listening
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools = [pool for pool in (self._durable, self._fast) if pool is not None]
+        self._durable = self._fast = None
+        for pool in pools:
             try:
                 await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
             except (TimeoutError, *_UNAVAILABLE):
