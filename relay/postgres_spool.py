@@ -106,8 +106,6 @@ LISTEN_RETRY = 2.0
 _T = TypeVar("_T")
 # Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
-# What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
-# (InternalClientError: a connection cut while a query was on it.)
 # record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
 _FORGET_COPY = "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
 _KEEP_FOR_RETRY = (
@@ -131,6 +129,8 @@ _RECORD_REST = (
 )
 _RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
 _RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
+# What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
+# (InternalClientError: a connection cut while a query was on it.)
 _UNAVAILABLE = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
