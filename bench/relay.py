@@ -15,7 +15,7 @@ from typing import get_args
 
 from bench.postgres import PASSWORD, PrivateCluster, server_binaries
 from bench.procs import LOOPBACK, free_port, kill_session, start_session, wait_for_greeting
-from relay.config import Config, DeliveryConfig, ListenConfig
+from relay.config.models import Config, DeliveryConfig, ListenConfig
 
 
 def delivery_modes() -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Writing a file so that a reader, or a crash, sees the old file or the new one, never half of one."""
+"""Writing a file so that a reader, or a crash, sees the old file or the new one, never half of one; and the
+lock that processes changing the same file (workers, the command line) take in turn."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from filelock import AsyncFileLock, FileLock
 
 
 def write_atomically(path: Path, parts: Iterable[bytes]) -> None:
@@ -26,3 +29,18 @@ def write_atomically(path: Path, parts: Iterable[bytes]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _lock_file(path: Path) -> Path:
+    # Beside the file, hidden; it stays there between uses (removing it would race with the next taker).
+    return path.with_name(f".{path.name}.lock")
+
+
+def change_lock(path: Path) -> FileLock:
+    """Held while a process reads, changes and writes `path`, so two at once do not lose one's change."""
+    return FileLock(_lock_file(path), mode=0o600)
+
+
+def async_change_lock(path: Path) -> AsyncFileLock:
+    """change_lock() for the event loop: the wait for another process runs in a thread."""
+    return AsyncFileLock(_lock_file(path), mode=0o600)

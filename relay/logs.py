@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from relay.config import LoggingConfig
+from relay.config.models import LoggingConfig
 
 # Event keys whose values are email addresses (a string or a list of them).
 ADDRESS_KEYS = frozenset({"mail_from", "recipients", "recipient", "failed", "address", "leaked"})

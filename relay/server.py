@@ -17,21 +17,19 @@ from typing import Any
 
 import structlog
 
-from relay.auth import Authenticator, FailedLoginLockout
-from relay.config import Config, ConfigError, ListenConfig, UpstreamConfig
-from relay.delivery import (
-    Destination,
-    DirectDelivery,
-    OutboxDestination,
-    SpooledDelivery,
-    UpstreamDestination,
-)
-from relay.forwarder import UpstreamPool
-from relay.listener import ConnectionSlots, RelayHandler, RelaySMTP
-from relay.oauth import AccessTokens
-from relay.passthrough import PassthroughLogins
-from relay.spool import Spool, SpoolWriteError, build_spool
-from relay.users import AccountsFile, UsersFileError, readable_by_others
+from relay.config.models import Config, ConfigError, ListenConfig, UpstreamConfig
+from relay.delivery.destinations import Destination, OutboxDestination, UpstreamDestination
+from relay.delivery.direct import DirectDelivery
+from relay.delivery.intake import SpooledDelivery
+from relay.delivery.passthrough import PassthroughLogins
+from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
+from relay.smtp.auth import Authenticator, FailedLoginLockout
+from relay.smtp.listener import ConnectionSlots, RelayHandler
+from relay.smtp.protocol import RelaySMTP
+from relay.spool import build_spool
+from relay.spool.interface import Spool, SpoolWriteError
+from relay.upstream.oauth import AccessTokens
+from relay.upstream.pool import UpstreamPool
 from relay.workers import ConnectionReceiver, supervise
 
 # Settings a running relay cannot take over on SIGHUP: they need a restart.
@@ -124,7 +122,7 @@ class RelayServer:
             self.spool = build_spool(config)
             self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
             if config.spool.shared:
-                from relay.postgres_spool import PostgresSpool  # build_spool found the driver
+                from relay.spool.postgres import PostgresSpool  # build_spool found the driver
 
                 assert isinstance(self.spool, PostgresSpool)
                 # Another relay's new mail wakes this one's scheduler at once, instead of at its next poll.

@@ -23,9 +23,10 @@ from typing import Any
 
 import structlog
 
-from relay.config import Config
-from relay.delivery import recover_spool
-from relay.spool import SpoolWriteError, build_spool
+from relay.config.models import Config
+from relay.delivery.intake import recover_spool
+from relay.spool import build_spool
+from relay.spool.interface import SpoolWriteError
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"

@@ -24,9 +24,10 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from bench.postgres import PASSWORD, PrivateCluster, server_binaries
-from relay.config import Config, load_config
+from relay.config.loading import load_config
+from relay.config.models import Config
 from relay.server import RelayServer
-from tests.oauth_server import TokenEndpoint
+from tests.support.oauth_server import TokenEndpoint
 
 LOOPBACK = "127.0.0.1"
 
@@ -321,7 +322,7 @@ USER_PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="session")
 def user_password_hash() -> str:
     """USER_PASSWORD hashed once per test run: argon2id is slow on purpose."""
-    from relay.users import hash_password
+    from relay.smtp.accounts import hash_password
 
     return hash_password(USER_PASSWORD)
 
@@ -329,7 +330,8 @@ def user_password_hash() -> str:
 @pytest.fixture
 def write_users(tmp_path: Path, user_password_hash: str) -> Callable[..., Path]:
     """write_users(kay=["kay@office.test"], crm=[]) -> an accounts file; every password is USER_PASSWORD."""
-    from relay.users import Account, Accounts, save_accounts
+    from relay.core.senders import Account, Accounts
+    from relay.smtp.accounts import save_accounts
 
     def write(**users: list[str]) -> Path:
         path = tmp_path / "users.yaml"

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import email
 import re
+from email.policy import compat32
 from pathlib import Path
 
 import pytest
 
-from relay.addresses import normalize_address, parse_address_list
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
-from tests.unit.mailkit import run
+from relay.core.addresses import normalize_address, parse_address_list
+from relay.core.line_length import MAX_LINE_OCTETS, longest_line
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import run
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CORPUS_CANDIDATES = [
@@ -41,11 +43,33 @@ def _corpus_files() -> tuple[Path | None, list[Path]]:
 CORPUS, FILES = _corpus_files()
 
 
+def _alternate(data: bytes) -> bytes:
+    """LF and CRLF line endings, alternating line by line."""
+    endings = iter([b"\n", b"\r\n"] * (data.count(b"\n") // 2 + 1))
+    return re.sub(rb"\r?\n", lambda _: next(endings), data)
+
+
+# Every line ending a sender's program produces, applied to the whole stored message.
+LINE_ENDINGS = {
+    "as-stored": lambda data: data,
+    "crlf": lambda data: re.sub(rb"\r?\n", b"\r\n", data),  # as an SMTP client sends it
+    "lf": lambda data: re.sub(rb"\r?\n", b"\n", data),
+    "cr-cr-lf": lambda data: re.sub(rb"\r?\n", b"\r\r\n", data),  # a script that adds its own CR
+    "lone-cr": lambda data: re.sub(rb"\r?\n", b"\r", data),
+    "mixed": _alternate,
+}
+
+
+def _decoded_parts(data: bytes) -> list[bytes]:
+    leaves = email.message_from_bytes(data, policy=compat32).walk()
+    return [part.get_payload(decode=True) for part in leaves if not part.is_multipart()]
+
+
 def _envelope(data: bytes) -> tuple[str, list[str]]:
     """What `privacy-relay preview` assumes: From as sender, To/Cc/Bcc as recipients."""
     try:
         fields = parse_message(data).fields
-    except SmtpReply:
+    except RelayError:
         return "", list(FALLBACK_RECIPIENTS)
     senders = [m.address for f in fields if f.key == "from" for m in parse_address_list(f.value)]
     recipients = [m.address for f in fields if f.key in ("to", "cc", "bcc") for m in parse_address_list(f.value)]
@@ -54,27 +78,35 @@ def _envelope(data: bytes) -> tuple[str, list[str]]:
 
 @pytest.mark.skipif(CORPUS is None, reason=f"no corpus of real messages: looked in {CORPUS_CANDIDATES}")
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CORPUS)) if CORPUS else "" for p in FILES])
-@pytest.mark.parametrize("line_ending", ["as-stored", "crlf"])
+@pytest.mark.parametrize("line_ending", LINE_ENDINGS)
 def test_real_message(path: Path, line_ending: str) -> None:
-    data = path.read_bytes()
-    if line_ending == "crlf":
-        data = re.sub(rb"\r?\n", b"\r\n", data)  # as an SMTP client sends it
+    data = LINE_ENDINGS[line_ending](path.read_bytes())
     mail_from, recipients = _envelope(data)
     try:
         prepared = run(data, recipients, mail_from=mail_from, smtputf8=not data.isascii())
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert 400 <= refusal.code < 600
         assert re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", refusal.enhanced)
         assert len(refusal.text) > 20  # a sentence a person can act on
         return
     body = prepared.copies[0].body
-    assert data.endswith(body)
+    # The body as sent: its bytes, each line ending (LF, CR CR LF or a CR alone) as CRLF.
+    as_crlf = re.sub(rb"\r*\n|\r", b"\r\n", data)
+    re_encoded = longest_line(as_crlf) > MAX_LINE_OCTETS
+    if re_encoded:
+        # Re-encoded so that no line is over 998 octets: the decoded content of every part is the same.
+        assert _decoded_parts(prepared.copies[0].headers + body) == _decoded_parts(as_crlf)
+    else:
+        assert as_crlf.endswith(body)
     for copy in prepared.copies:
         assert copy.body is body
+        assert longest_line(copy.headers + copy.body) <= MAX_LINE_OCTETS
     action = prepared.decision.action
     if action is Action.UNCHANGED:
         [copy] = prepared.copies
-        kept = b"".join(f.raw for f in parse_message(data).fields if f.key not in ("bcc", "resent-bcc"))
+        # Bcc is dropped; a re-encoded message gets its own Content-Transfer-Encoding at the end.
+        dropped = {"bcc", "resent-bcc"} | ({"content-transfer-encoding"} if re_encoded else set())
+        kept = b"".join(f.raw for f in parse_message(data).fields if f.key not in dropped)
         assert kept in copy.headers  # as written, behind the relay's Received line
         return
     assert action is Action.SPLIT
@@ -86,3 +118,21 @@ def test_real_message(path: Path, line_ending: str) -> None:
         headers = copy.headers.decode("utf-8", errors="replace").lower()
         for other in protected - {normalize_address(own)}:
             assert not re.search(rf"(?<![\w.+-]){re.escape(other)}(?![\w.-])", headers), other
+
+
+def _outcome(data: bytes) -> object:
+    mail_from, recipients = _envelope(data)
+    try:
+        prepared = run(data, recipients, mail_from=mail_from, smtputf8=not data.isascii())
+    except RelayError as refusal:
+        return refusal.render()
+    return [(copy.recipients, copy.headers, copy.body) for copy in prepared.copies]
+
+
+@pytest.mark.skipif(CORPUS is None, reason=f"no corpus of real messages: looked in {CORPUS_CANDIDATES}")
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CORPUS)) if CORPUS else "" for p in FILES])
+def test_lf_cr_cr_lf_and_mixed_line_endings_are_read_as_the_same_message_as_crlf(path: Path) -> None:
+    stored = path.read_bytes()
+    as_crlf = _outcome(LINE_ENDINGS["crlf"](stored))
+    for variant in ("lf", "cr-cr-lf", "mixed"):
+        assert _outcome(LINE_ENDINGS[variant](stored)) == as_crlf, variant

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import RelayCertificate, Upstream
 from tests.e2e.conftest import CONSOLE_SCRIPT
-from tests.spool_support import wait_until
+from tests.support.spool import wait_until
 
 PASSWORD = "a desk's long password"
 MESSAGE = b"From: kay@office.test\r\nTo: ann@one.test, bob@two.test\r\nSubject: e2e\r\n\r\nHello.\r\n"

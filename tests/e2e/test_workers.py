@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.policy import CopyKind
+from relay.core.rewrite import OutgoingCopy
 from relay.server import RelayServer
-from relay.spool import NewCopy, NewMessage, SqliteSpool
+from relay.spool.interface import NewMessage
+from relay.spool.sqlite import SqliteSpool
 from tests.conftest import RelayCertificate, relay_config
-from tests.spool_support import RelayProcess, wait_until
+from tests.support.spool import RelayProcess, wait_until
 
 MESSAGE = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -141,9 +144,10 @@ async def _leave_a_copy_in_flight(spool_path: Path) -> None:
     """A copy claimed "being sent" with a lease far in the future: only a recovery can send it again."""
     spool = SqliteSpool(spool_path)
     await spool.open()
-    copy = NewCopy(("r@dst.test",), "original", b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\n")
+    headers = b"From: a@src.test\r\nTo: r@dst.test\r\nSubject: hi\r\n\r\n"
+    copy = OutgoingCopy(("r@dst.test",), CopyKind.ORIGINAL, headers, b"body\r\n")
     await spool.store(NewMessage("INFLIGHT1", "a@src.test", False, b"body\r\n", (copy,), time.time()))
-    assert len(await spool.claim_due(time.time(), 10, 3600, {})) == 1
+    assert len(await spool.claim_due(time.time(), 10, 3600)) == 1
     await spool.close()
 
 

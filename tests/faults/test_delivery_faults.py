@@ -18,7 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler, UpstreamFactory
-from tests.spool_support import (
+from tests.support.spool import (
     FAST_RETRIES,
     RelayProcess,
     UpstreamOnPort,

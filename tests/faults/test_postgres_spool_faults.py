@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from bench.postgres import PASSWORD, PrivateCluster
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler
 from tests.faults.test_delivery_faults import SlowHandler, figures, upstream_settings
-from tests.spool_support import FAST_RETRIES, RelayProcess, UpstreamOnPort, copy_keys, free_port, wait_until
+from tests.support.spool import FAST_RETRIES, RelayProcess, UpstreamOnPort, copy_keys, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

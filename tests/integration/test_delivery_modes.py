@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Upstream
-from tests.spool_support import FAST_RETRIES, wait_until
+from tests.support.spool import FAST_RETRIES, wait_until
 
 SENDER = "coach@coaching.test"
 RECIPIENTS = ["ann@one.test", "bob@two.test", "cy@three.test"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler, UpstreamFactory
-from tests.spool_support import RelayProcess, UpstreamOnPort, copy_keys, free_port, send_split_messages, wait_until
+from tests.support.spool import RelayProcess, UpstreamOnPort, copy_keys, free_port, send_split_messages, wait_until
 
 
 class SlowHandler(RecordingHandler):

@@ -7,7 +7,7 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler
-from tests.spool_support import (
+from tests.support.spool import (
     FAST_RETRIES,
     RelayProcess,
     UpstreamOnPort,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from relay.config import UpstreamConfig
-from relay.forwarder import UpstreamPool
-from relay.rewrite import OutgoingCopy
+from relay.config.models import UpstreamConfig
+from relay.core.rewrite import OutgoingCopy
+from relay.upstream.pool import UpstreamPool
 from tests.conftest import Upstream, UpstreamFactory
 
 HEADERS = b"From: a@src.test\r\nTo: undisclosed-recipients:;\r\nSubject: t\r\n\r\n"

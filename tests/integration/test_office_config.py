@@ -11,7 +11,8 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives import serialization
 
-from relay.config import ConfigError, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError
 from relay.server import RelayServer, warn_about_secret_files
 from tests.conftest import RelayCertificate, relay_config
 

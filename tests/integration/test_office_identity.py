@@ -5,7 +5,7 @@ from __future__ import annotations
 import smtplib
 import socket
 
-from relay.config import machine_hostname
+from relay.config.models import machine_hostname
 from tests.conftest import RelayCertificate, Upstream
 from tests.integration.test_office_limits import MESSAGE, closed_by_server, eventually
 

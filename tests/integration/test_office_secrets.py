@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from relay.config import LoggingConfig
+from relay.config.models import LoggingConfig
 from relay.logs import configure_logging
 from tests.conftest import USER_PASSWORD, Upstream
 

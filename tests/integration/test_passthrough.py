@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import structlog
 
-from relay.cli import main
-from relay.config import ConfigError, LoggingConfig, load_config
+from relay.admin.cli import main
+from relay.admin.queue import run_queue_command
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, LoggingConfig
 from relay.logs import configure_logging
-from relay.queue_commands import run_queue_command
 from tests.conftest import USER_PASSWORD, UpstreamFactory
-from tests.spool_support import free_port, wait_until
+from tests.support.spool import free_port, wait_until
 
 # aiosmtpd warns about the test upstreams that take AUTH without TLS; one test runs the upstream with STARTTLS.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")

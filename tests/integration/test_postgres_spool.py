@@ -9,8 +9,9 @@ import asyncpg
 import pytest
 
 from bench.postgres import PASSWORD, PrivateCluster
-from relay.postgres_spool import MIGRATIONS, PostgresSpool
-from relay.spool import CopyResult, Progress, SpoolWriteError
+from relay.core.replies import Reply
+from relay.spool.interface import CopyResult, Progress, SpoolWriteError
+from relay.spool.postgres import MIGRATIONS, PostgresSpool
 from tests.unit.test_spool import message
 
 
@@ -28,11 +29,11 @@ async def two_relays(postgres_database: str):
 async def test_a_relay_whose_lease_was_taken_over_cannot_record_over_the_new_owner(two_relays) -> None:
     first, second = two_relays
     await first.store(message("M1", ["a@x.test"]))
-    (held,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
-    assert await second.claim_due(1059.0, 10, lease=60, known_bodies={}) == []
-    (taken,) = await second.claim_due(1060.0, 10, lease=60, known_bodies={})
+    (held,) = await first.claim_due(1000.0, 10, lease=60)
+    assert await second.claim_due(1059.0, 10, lease=60) == []
+    (taken,) = await second.claim_due(1060.0, 10, lease=60)
     assert taken.id == held.id
-    late = CopyResult(held.id, failed=(("a@x.test", "550 5.1.1 gone"),), sent_at=1061.0)
+    late = CopyResult(held.id, failed=(("a@x.test", Reply(550, "5.1.1", "gone")),), sent_at=1061.0)
     assert await first.record(late) is Progress.SENDING
     assert await first.settled() == []
     assert await second.record(CopyResult(taken.id, delivered=taken.recipients, sent_at=1062.0)) is Progress.DELIVERED
@@ -41,7 +42,7 @@ async def test_a_relay_whose_lease_was_taken_over_cannot_record_over_the_new_own
 async def test_a_lease_that_ran_out_untaken_still_records(two_relays) -> None:
     first, _ = two_relays
     await first.store(message("M1", ["a@x.test"]))
-    (held,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
+    (held,) = await first.claim_due(1000.0, 10, lease=60)
     assert await first.record(CopyResult(held.id, delivered=held.recipients, sent_at=2000.0)) is Progress.DELIVERED
 
 
@@ -52,8 +53,8 @@ async def test_relays_claiming_at_once_never_claim_the_same_copy(two_relays) -> 
     claimed: list[int] = []
     for _ in range(10):
         batches = await asyncio.gather(
-            first.claim_due(1000.0, 15, lease=60, known_bodies={}),
-            second.claim_due(1000.0, 15, lease=60, known_bodies={}),
+            first.claim_due(1000.0, 15, lease=60),
+            second.claim_due(1000.0, 15, lease=60),
         )
         claimed += [copy.id for batch in batches for copy in batch]
     assert len(claimed) == 200 and len(set(claimed)) == 200
@@ -72,8 +73,8 @@ async def test_new_mail_wakes_the_other_relay(two_relays) -> None:
 async def test_two_relays_retiring_one_message_bounce_it_once(two_relays) -> None:
     first, second = two_relays
     await first.store(message("M1", ["a@x.test"]))
-    (copy,) = await first.claim_due(1000.0, 10, lease=60, known_bodies={})
-    await first.record(CopyResult(copy.id, failed=(("a@x.test", "550 5.1.1 gone"),), sent_at=1001.0))
+    (copy,) = await first.claim_due(1000.0, 10, lease=60)
+    await first.record(CopyResult(copy.id, failed=(("a@x.test", Reply(550, "5.1.1", "gone")),), sent_at=1001.0))
     assert [m.id for m in await second.settled()] == ["M1"]
     await first.retire("M1", message("B1", ["s@x.test"]))
     await second.retire("M1", message("B2", ["s@x.test"]))
@@ -127,7 +128,7 @@ async def test_copies_of_one_message_recorded_at_once_forget_it_exactly_once(pos
     await spool.open()
     try:
         await spool.store(message("M1", [f"r{n}@x.test" for n in range(10)]))
-        copies = await spool.claim_due(1000.0, 10, lease=60, known_bodies={})
+        copies = await spool.claim_due(1000.0, 10, lease=60)
         progress = await asyncio.gather(
             *(spool.record(CopyResult(c.id, delivered=c.recipients, sent_at=1001.0)) for c in copies)
         )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
-from relay.config import ConfigError, load_config
+from relay.admin.cli import main
+from relay.config.loading import load_config
+from relay.config.models import ConfigError
 from tests.conftest import Upstream, UpstreamFactory
 
 CREDENTIALS = ("kay@gmail.test", "app password")

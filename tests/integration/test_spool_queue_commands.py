@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOOPBACK, UpstreamFactory
-from tests.spool_support import RelayProcess, send_split_messages, wait_until
+from tests.support.spool import RelayProcess, send_split_messages, wait_until
 
 
 def queue(relay: RelayProcess, *arguments: str) -> subprocess.CompletedProcess[str]:

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import structlog
 
-from relay.cli import main
-from relay.config import ConfigError, OAuth2Config, load_config
-from relay.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
+from relay.admin.cli import main
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, OAuth2Config
 from relay.server import warn_about_secret_files
+from relay.upstream.oauth import REFRESH_MARGIN, OAuth2Error, StoredToken, installed_app_login, load_token, save_token
 from tests.conftest import Upstream, UpstreamFactory, relay_config
-from tests.oauth_server import CLIENT_ID, TokenEndpoint
+from tests.support.oauth_server import CLIENT_ID, TokenEndpoint
 
 # The XOAUTH2 test upstream has no TLS, which aiosmtpd warns about; the relay's TLS is tested elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -286,3 +287,30 @@ def test_a_config_error_in_the_oauth2_section_never_quotes_the_client_secret() -
             {**settings, **{k: "x" for k in ("RELAY_UPSTREAM_OAUTH2_CLIENT_ID", "RELAY_UPSTREAM_OAUTH2_TOKEN_FILE")}},
         )
     assert "GOCSPX" not in str(error.value)
+
+
+async def test_a_worker_waits_for_another_workers_refresh_and_uses_the_token_it_saved(
+    tmp_path: Path, token_endpoint: TokenEndpoint
+) -> None:
+    from filelock import FileLock
+
+    from relay.upstream.oauth import AccessTokens
+
+    token_file = tmp_path / "m365.json"
+    save_token(token_file, StoredToken("refresh-0", "access-old", time.time() - 60))
+    config = OAuth2Config(
+        provider="microsoft",
+        client_id=CLIENT_ID,
+        token_file=token_file,
+        token_endpoint=f"{token_endpoint.base}/token",
+    )
+    tokens = AccessTokens(config, "privacy-relay auth login")
+    other_worker = FileLock(tmp_path / ".m365.json.lock")
+    with other_worker:
+        waiting = asyncio.create_task(tokens.current())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        # What the other worker's refresh saves before it lets go of the lock.
+        save_token(token_file, StoredToken("refresh-1", "access-by-the-other-worker", time.time() + 3600))
+    assert await asyncio.wait_for(waiting, 10) == "access-by-the-other-worker"
+    assert token_endpoint.state.token_requests == []

@@ -15,9 +15,9 @@ from urllib.parse import unquote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import SmtpReply
-from relay.policy import Action
-from tests.unit.mailkit import SENDER, run
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, run
 
 RECIPIENTS = {"ann": "a.example", "bob": "b.example", "cara": "c.example", "dorte": "müller.example"}
 # Not From or Sender: an address there is the author's, which every copy shows by design.
@@ -101,7 +101,7 @@ def test_no_copy_shows_another_protected_address_to_a_reader(sample: tuple[bytes
     data, recipients = sample
     try:
         prepared = run(data, recipients, smtputf8=not data.isascii(), action=action)
-    except SmtpReply as refusal:
+    except RelayError as refusal:
         assert 500 <= refusal.code < 600
         return
     for copy in prepared.copies:

@@ -15,8 +15,8 @@ from email.utils import getaddresses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.policy import Action
-from tests.unit.mailkit import SENDER, parsed, run
+from relay.core.policy import Action
+from tests.support.mailkit import SENDER, parsed, run
 
 # Distinct three-letter names: no address is a substring of another, so a plain search is exact.
 NAMES = ["ann", "bob", "cyd", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lou"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.addresses import Mailbox, format_mailbox, mentioned_addresses, normalize_address, parse_address_list
+from relay.core.addresses import Mailbox, format_mailbox, mentioned_addresses, normalize_address, parse_address_list
 
 
 @pytest.mark.parametrize(

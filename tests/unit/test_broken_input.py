@@ -1,20 +1,20 @@
-"""Broken and hostile input: always a clear SmtpReply or a safe result, never a crash or a hang."""
+"""Broken and hostile input: always a clear RelayError or a safe result, never a crash or a hang."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.addresses import mentioned_addresses, parse_address_list
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
-from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
+from relay.core.addresses import mentioned_addresses, parse_address_list
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB = "ann@one.test", "bob@two.test"
 
 
-def refusal(data: bytes, rcpts: list[str] | None = None) -> SmtpReply:
-    with pytest.raises(SmtpReply) as refused:
+def refusal(data: bytes, rcpts: list[str] | None = None) -> RelayError:
+    with pytest.raises(RelayError) as refused:
         run(data, rcpts or [ANN, BOB])
     return refused.value
 
@@ -55,13 +55,41 @@ def test_8bit_headers_without_smtputf8_pass_as_they_came() -> None:
     assert BOB.encode() not in ann_copy.headers
 
 
-def test_bare_lf_line_endings_are_kept() -> None:
-    data = message(f"From: {SENDER}", f"To: {ANN}, {BOB}", body=b"line\n", eol=b"\n")
+@pytest.mark.parametrize("eol", [b"\n", b"\r\r\n", b"\r\r\r\n"], ids=["LF", "CR CR LF", "CR CR CR LF"])
+def test_lf_and_cr_cr_lf_line_endings_are_read_as_line_ends_and_sent_as_crlf(eol: bytes) -> None:
+    data = message(f"From: {SENDER}", f"To: {ANN}, {BOB}", "Subject: t", body=b"line" + eol, eol=eol)
     prepared = run(data, [ANN, BOB])
     copy = copy_for(prepared, ANN)
-    assert b"\r" not in copy.headers
     assert addresses_in(copy, "To") == [ANN]
-    assert copy.body == b"line\n"
+    assert b"\r\nSubject: t\r\n" in copy.headers
+    assert copy.body == b"line\r\n"
+    assert b"\r\r" not in copy.headers + copy.body
+
+
+def test_mixed_lf_and_crlf_header_lines_are_all_header_fields() -> None:
+    data = f"From: {SENDER}\nTo: {ANN},\r\n {BOB}\nSubject: t\r\n\nbody\r\n".encode()
+    copy = copy_for(run(data, [ANN, BOB]), ANN)
+    assert addresses_in(copy, "To") == [ANN]
+    assert BOB.encode() not in copy.headers + copy.body
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        f"From: {SENDER}\rTo: {ANN}, {BOB}\r\rbody\r\n".encode(),  # CR-only line endings
+        f"From: {SENDER}\r\n\rTo: {ANN}, {BOB}\r\n\r\nbody\r\n".encode(),  # a lone CR as the blank line
+    ],
+    ids=["CR only", "lone CR blank line"],
+)
+def test_a_lone_cr_in_the_header_section_is_refused_not_read_as_a_line_end(data: bytes) -> None:
+    reply = refusal(data)
+    assert (reply.code, reply.enhanced) == (550, "5.6.0")
+    assert "bare carriage return" in reply.text
+
+
+def test_a_lone_cr_in_the_body_becomes_crlf() -> None:
+    copy = copy_for(run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", body=b"a\rb\r\n"), [ANN, BOB]), ANN)
+    assert copy.body == b"a\r\nb\r\n"
 
 
 def test_a_header_section_over_1_mb_is_refused() -> None:
@@ -97,7 +125,10 @@ def test_pathological_address_fields_finish(value: str) -> None:
     # The standard library parser raises RecursionError on the nested comments and takes minutes on the quotes.
     parse_address_list(value)
     mentioned_addresses(value)
-    run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Cc: {value}"), [ANN, BOB])
+    try:
+        run(message(f"From: {SENDER}", f"To: {ANN}, {BOB}", f"Cc: {value}"), [ANN, BOB])
+    except RelayError as refusal:
+        assert (refusal.code, refusal.enhanced) == (554, "5.6.0")  # a line over 998 octets with no space in it
 
 
 def test_a_thousand_recipients_split_into_a_thousand_private_copies() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay import __version__
-from relay.cli import main
+from relay.admin.cli import main
 from tests.conftest import LOOPBACK, Upstream
 
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("privacy-relay"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config
+from relay.config.loading import load_config
+from relay.config.models import ConfigError, PolicyConfig
 
 
 @pytest.fixture(autouse=True)
@@ -289,6 +291,21 @@ def test_rate_limits_need_a_single_worker_because_each_process_counts_its_own() 
     with pytest.raises(ConfigError, match=r"upstream\.rate_limit.*listen\.workers"):
         load_config(None, {"RELAY_LISTEN_WORKERS": "2", "RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"})
     assert load_config(None, {"RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"}).listen.workers == 1
+
+
+def test_policy_settings_carry_every_policy_key_to_the_core() -> None:
+    policy = PolicyConfig(
+        action="bcc",
+        min_recipients=3,
+        internal_domains=("office.test",),
+        always_visible=("team@office.test",),
+        calendar="pass",
+        tnef="pass",
+        override_tag="[visible]",
+    )
+    settings = policy.settings()
+    assert {f.name for f in fields(settings)} == set(PolicyConfig.model_fields)
+    assert asdict(settings) == policy.model_dump()
 
 
 @pytest.mark.parametrize(

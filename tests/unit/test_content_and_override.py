@@ -7,12 +7,12 @@ import base64
 import pytest
 from pydantic import ValidationError
 
-from relay.config import PolicyConfig
-from relay.content import scan_content
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.policy import Action
-from tests.unit.mailkit import SENDER, addresses_in, copy_for, message, run
+from relay.config.models import PolicyConfig
+from relay.core.content import scan_content
+from relay.core.message import parse_message
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import SENDER, addresses_in, copy_for, message, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"
 
@@ -55,7 +55,7 @@ def test_attendees_are_read_from_the_calendar_part(encoding: str) -> None:
 
 
 def test_an_invitation_listing_other_recipients_is_refused_with_advice() -> None:
-    with pytest.raises(SmtpReply) as refused:
+    with pytest.raises(RelayError) as refused:
         run(invitation(ANN, BOB), [ANN, BOB])
     assert (refused.value.code, refused.value.enhanced) == (550, "5.7.1")
     assert "meeting invitation" in refused.value.text and "one invitation per attendee" in refused.value.text
@@ -63,7 +63,7 @@ def test_an_invitation_listing_other_recipients_is_refused_with_advice() -> None
 
 def test_an_invitation_exposes_even_when_the_recipients_are_in_bcc() -> None:
     data = invitation(ANN, BOB, to=SENDER)
-    with pytest.raises(SmtpReply):
+    with pytest.raises(RelayError):
         run(data, [ANN, BOB])
 
 
@@ -81,7 +81,7 @@ def test_an_invitation_naming_only_people_outside_the_recipients_is_not_a_leak()
 
 
 def test_winmail_dat_is_refused_with_outlook_advice() -> None:
-    with pytest.raises(SmtpReply) as refused:
+    with pytest.raises(RelayError) as refused:
         run(tnef_message(), [ANN, BOB])
     assert refused.value.code == 550
     assert "winmail.dat" in refused.value.text and "HTML" in refused.value.text

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.data_reader import read_data
+from relay.smtp.data_reader import read_data
 
 PIECES = st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b"\r\n.", b".\r\n", b"\r\n.\r"])
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import ENV_KEYS, PASSWORD_ENV, YAML_ONLY_KEYS, Config, ConfigError, load_config
+from relay.config.loading import ENV_KEYS, load_config
+from relay.config.models import PASSWORD_ENV, YAML_ONLY_KEYS, Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

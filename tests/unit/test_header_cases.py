@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from relay.errors import SmtpReply
-from relay.pipeline import PrivacyCheckFailed
-from relay.policy import Action
-from tests.unit.mailkit import BODY, SENDER, addresses_in, copy_for, message, parsed, run
+from relay.core.pipeline import PrivacyCheckFailed
+from relay.core.policy import Action
+from relay.core.replies import RelayError
+from tests.support.mailkit import BODY, SENDER, addresses_in, copy_for, message, parsed, run
 
 ANN, BOB, CY = "ann@one.test", "bob@two.test", "cy@three.test"
 
@@ -252,7 +252,7 @@ def test_more_than_min_recipients_threshold_is_respected() -> None:
 
 def test_reject_mode_tells_the_person_what_to_do() -> None:
     data = message(f"From: {SENDER}", f"To: {ANN}", f"Cc: {BOB}")
-    with pytest.raises(SmtpReply) as refused:
+    with pytest.raises(RelayError) as refused:
         run(data, [ANN, BOB], action="reject")
     assert refused.value.code == 550
     assert "Bcc" in refused.value.text and "To and Cc" in refused.value.text

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import PolicyConfig
-from relay.leakcheck import LeakChecker
-from relay.message import parse_message
-from relay.pipeline import PrivacyCheckFailed
-from relay.policy import Action, Envelope, decide
-from tests.unit.mailkit import copy_for, message, run
+from relay.config.models import PolicyConfig
+from relay.core.leakcheck import LeakChecker
+from relay.core.message import parse_message
+from relay.core.pipeline import PrivacyCheckFailed
+from relay.core.policy import Action, Envelope, decide
+from tests.support.mailkit import copy_for, message, run
 
 PROTECTED = frozenset({"ann@one.test", 'a"b@two.test', "o'brien@three.test", "bo b@four.test", "jo@bücher.test"})
 # For the person's reading: an address glued to a quote, a slash or a field name is still an address.
@@ -154,7 +154,7 @@ def test_a_message_showing_a_glued_address_is_refused_naming_the_field(to: str, 
 def test_the_policy_reads_as_the_check_does() -> None:
     # Nobody in To/Cc, but an address a person reads in another field: exposed, so not sent as written.
     data = message("From: coach@coaching.test", "To: undisclosed-recipients:;", "X-Original-To: ann@a.example--b")
-    decision = decide(Envelope("coach@coaching.test", (ANN, BOB)), parse_message(data), PolicyConfig())
+    decision = decide(Envelope("coach@coaching.test", (ANN, BOB)), parse_message(data), PolicyConfig().settings())
     assert decision.action is Action.SPLIT and decision.exposed_fields == ("X-Original-To",)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import RouteConfig
-from relay.routing import route_for
+from relay.config.models import RouteConfig
+from relay.core.routing import route_for
 
 ROUTES = (
     RouteConfig(sender="kay@coaching.test", upstream="personal"),

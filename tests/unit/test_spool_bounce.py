@@ -5,7 +5,8 @@ from __future__ import annotations
 from email import message_from_bytes
 from email.policy import default
 
-from relay.bounce import FailedRecipient, build_dsn
+from relay.core.dsn import FailedRecipient, build_dsn
+from relay.core.replies import Reply
 
 
 def test_a_dsn_names_each_failed_recipient_with_the_upstream_reply() -> None:
@@ -17,8 +18,8 @@ def test_a_dsn_names_each_failed_recipient_with_the_upstream_reply() -> None:
         arrival_date="Wed, 25 Nov 2026 04:00:00 +0000",
         date="Wed, 25 Nov 2026 04:01:00 +0000",
         failures=[
-            FailedRecipient("bad@two.test", "550 5.1.1 No such user"),
-            FailedRecipient("slow@three.test", "451 4.4.1 cannot reach (gave up)", expired=True),
+            FailedRecipient("bad@two.test", Reply(550, "5.1.1", "No such user")),
+            FailedRecipient("slow@three.test", Reply(451, "4.4.1", "cannot reach (gave up)"), expired=True),
         ],
         original_headers=b"From: Coach <coach@coaching.test>\r\nTo: bad@two.test\r\nSubject: Hi\r\n\r\n",
     )

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from relay.config import ENV_KEYS, ConfigError, load_config
-from relay.pacing import DAY, MAX_PACE, Pacer, RateLimiter, is_throttling, retry_delay
+from relay.config.loading import ENV_KEYS, load_config
+from relay.config.models import ConfigError
+from relay.core.pacing import DAY, MAX_PACE, Pacer, RateLimiter, is_throttling, retry_delay
 
 
 def test_backoff_doubles_from_the_first_retry_within_a_minute_up_to_the_cap() -> None:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.users import (
-    Account,
-    Accounts,
+from relay.core.senders import Account, Accounts
+from relay.smtp.accounts import (
     AccountsFile,
     UsersFileError,
     hash_password,

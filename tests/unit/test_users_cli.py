@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.users import load_accounts, verify_password
+from relay.smtp.accounts import load_accounts, save_accounts, verify_password
 
 PASSWORD = "a long and secret password"
 
@@ -165,3 +165,36 @@ def test_add_says_which_file_it_changed_and_warns_when_it_is_only_the_default(tm
     assert configured.returncode == 0, configured.stderr
     assert f"in {tmp_path / 'office-users.yaml'}:" in configured.stdout
     assert "listen.users_file is not set" not in configured.stderr
+
+
+@pytest.mark.slow
+def test_add_waits_while_another_command_is_changing_the_file_and_keeps_both_changes(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    users_file = tmp_path / "users.yaml"
+    started = time.monotonic()
+    assert run_user(tmp_path, "add", "kay", password=PASSWORD).returncode == 0
+    # Held three times as long as a whole `user add` took: a command that ignored the lock would be done.
+    # (A loaded machine can only make this pass wrongly, never fail wrongly.)
+    hold = 3 * (time.monotonic() - started)
+    environment = {**os.environ, "RELAY_LISTEN_USERS_FILE": str(users_file)}
+    other_command = FileLock(tmp_path / ".users.yaml.lock")
+    with other_command:
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "relay", "user", "add", "lee"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=tmp_path,
+            env=environment,
+        )
+        assert waiting.stdin is not None
+        waiting.stdin.write(PASSWORD)
+        waiting.stdin.close()
+        time.sleep(hold)
+        assert waiting.poll() is None
+        # What the other command writes before it lets go of the lock: it must not be lost.
+        save_accounts(users_file, load_accounts(users_file).without("kay"))
+    assert waiting.wait(timeout=60) == 0
+    assert set(load_accounts(users_file).by_name) == {"lee"}

@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from relay.auth import Authenticator, FailedLoginLockout, from_header_refusal, sender_refusal
-from relay.errors import SmtpReply
-from relay.message import parse_message
-from relay.users import Account, Accounts, AccountsFile, save_accounts
+from relay.core.message import parse_message
+from relay.core.replies import RelayError
+from relay.core.senders import Account, Accounts, from_header_refusal, sender_refusal
+from relay.smtp.accounts import AccountsFile, save_accounts
+from relay.smtp.auth import Authenticator, FailedLoginLockout
 from tests.conftest import USER_PASSWORD
 
 
@@ -72,7 +73,7 @@ def test_sender_rules(accounts: Accounts) -> None:
 def test_every_from_address_is_checked(accounts: Accounts) -> None:
     kay = accounts.by_name["kay"]
 
-    def refusal(from_value: bytes, login: Account | None = kay) -> SmtpReply | None:
+    def refusal(from_value: bytes, login: Account | None = kay) -> RelayError | None:
         message = parse_message(b"From: " + from_value + b"\r\nSubject: x\r\n\r\nbody\r\n")
         return from_header_refusal(accounts, login, message)
 
@@ -92,7 +93,7 @@ def test_the_authenticator_checks_passwords_and_refuses_when_locked(tmp_path, ac
     async def login(name: bytes, password: bytes, client: str = "192.0.2.1") -> Account | int:
         try:
             return await authenticator.login(client, name, password)
-        except SmtpReply as refusal:
+        except RelayError as refusal:
             return refusal.code
 
     async def scenario() -> list[Account | int]:

@@ -1,0 +1,1 @@
+"""The privacy-relay command line and its subcommands."""

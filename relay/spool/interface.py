@@ -1,0 +1,213 @@
+"""The Spool interface: what delivery needs from the store of accepted mail, and what the admin commands need.
+
+The scheduler (relay/delivery/) and the queue commands (relay/admin/queue.py) talk to these protocols only,
+never to a database: SQLite (relay/spool/sqlite.py), or PostgreSQL shared by several relays
+(relay/spool/postgres.py). Replies are stored as Reply values, their fields in columns: nothing parses
+reply text back.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay.core.policy import CopyKind
+from relay.core.replies import RelayError, Reply
+from relay.core.rewrite import OutgoingCopy
+
+
+class CopyState(enum.StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"  # claimed until next_attempt, the end of its lease
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(6).upper()
+
+
+class SpoolWriteError(RelayError):
+    """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
+
+
+def closed_spool_error() -> SpoolWriteError:
+    # A client still in a session while the relay stops (SIGTERM): it keeps the message and tries again.
+    return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
+
+
+class Progress(enum.Enum):
+    """Where a message stands after an attempt's result is stored."""
+
+    SENDING = "sending"  # copies left to send
+    DELIVERED = "delivered"  # every copy delivered: the message is already forgotten
+    SETTLED = "settled"  # nothing left to send, failures to bounce: retire() comes next
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to store: its body once, and its copies as the pipeline made them (their bodies are this body)."""
+
+    id: str
+    mail_from: str
+    smtputf8: bool
+    body: bytes
+    copies: tuple[OutgoingCopy, ...]
+    received_at: float
+    upstream: str | None = None
+    is_bounce: bool = False
+    # The first `claimed` copies are stored already claimed until claimed_until: first attempts sent from memory.
+    claimed: int = 0
+    claimed_until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledCopy:
+    """A copy claimed for sending; its message's body is read apart (bodies()), once for all its copies."""
+
+    id: int
+    message_id: str
+    position: int
+    kind: CopyKind
+    recipients: tuple[str, ...]
+    headers: bytes
+    mail_from: str
+    smtputf8: bool
+    upstream: str | None
+    received_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResult:
+    """What one attempt changed: recipients done, recipients failed for good, recipients to retry."""
+
+    copy_id: int
+    delivered: tuple[str, ...] = ()
+    failed: tuple[tuple[str, Reply], ...] = ()  # (recipient, the reply that refused it for good)
+    retry: tuple[str, ...] = ()
+    next_attempt: float = 0.0
+    last_reply: Reply | None = None
+    counts_as_attempt: bool = True
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    recipient: str
+    reply: Reply
+    headers: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SettledMessage:
+    """A message with no copy left to send: what remains is to bounce its failures and forget it."""
+
+    id: str
+    mail_from: str
+    upstream: str | None
+    is_bounce: bool
+    received_at: float
+    failures: tuple[Failure, ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CopySummary:
+    id: int
+    position: int
+    kind: CopyKind
+    recipients: tuple[str, ...]
+    state: CopyState
+    attempts: int
+    next_attempt: float
+    last_reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSummary:
+    id: str
+    mail_from: str
+    upstream: str | None
+    is_bounce: bool
+    received_at: float
+    size: int
+    copies: tuple[CopySummary, ...]
+    failures: tuple[Failure, ...]
+
+
+class SchedulerSpool(Protocol):
+    """What delivery needs: store new mail, claim due copies, record attempts, retire settled messages."""
+
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
+        """Commit the message and its copy plan durably; the copies' ids, in order. SpoolWriteError if it cannot.
+
+        committed(ids), if given, runs as soon as the message is committed, while it is being made durable.
+        """
+
+    async def recover(self) -> int:
+        """After a restart: copies that were being sent become due again; returns how many.
+
+        For one relay per spool. Relays sharing a database would skip this and let claims run out instead.
+        """
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
+        """Up to limit due copies (queued ones, and claimed ones whose lease ran out), claimed until now + lease."""
+
+    async def bodies(self, message_ids: Collection[str]) -> dict[str, bytes]:
+        """The bodies of these messages, by id; a message deleted meanwhile is left out."""
+
+    async def release(self, copy_id: int, next_attempt: float) -> None:
+        """Put a claimed copy back unsent, without counting an attempt."""
+
+    async def postpone(self, now: float, until: float) -> None:
+        """Copies due now wait until then (a rate limit is reached), without counting an attempt."""
+
+    async def record(self, result: CopyResult) -> Progress:
+        """Store an attempt's outcome and say where its message stands.
+
+        A message delivered to everyone is forgotten at once; one with failures waits for retire().
+        """
+
+    async def next_due(self) -> float | None:
+        """When the next copy is due (or a claim runs out), if any."""
+
+    async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
+        """Messages (or the one named) with no copy left to send."""
+
+    async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
+        """Forget a settled message, storing its bounce (if any) in the same transaction."""
+
+    async def recent_sends(self, since: float) -> list[tuple[float, int]]:
+        """(time, recipients) of the transactions sent since then, for rate limits across restarts."""
+
+    async def close(self) -> None: ...
+
+
+class AdminSpool(Protocol):
+    """What the queue commands need: look at the queue, make copies due now, delete a message."""
+
+    async def summaries(self) -> list[MessageSummary]: ...
+
+    async def summary(self, message_id: str) -> MessageSummary | None: ...
+
+    async def retry_now(self, now: float, message_id: str | None) -> int:
+        """Make queued copies (of one message, or all) due now; returns how many."""
+
+    async def delete(self, message_id: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class Spool(SchedulerSpool, AdminSpool, Protocol):
+    """A store that serves both, as SqliteSpool and PostgresSpool do."""
+
+    @property
+    def label(self) -> str:
+        """Where the spool is, for logs and the queue commands."""
+
+    async def open(self) -> None:
+        """Open (and create or migrate) the store; SpoolWriteError, sqlite3.Error or OSError when it cannot."""

@@ -1,0 +1,599 @@
+"""The Spool in a PostgreSQL database that any number of relays share (spool.url).
+
+The same tables as the SQLite spool: one body per message, one row per copy. What sharing adds:
+- A relay sending a copy holds a lease on it: its owner name, a fencing counter raised at every claim,
+  and next_attempt as the lease's end. Claims take due rows with FOR UPDATE SKIP LOCKED, so two relays
+  never claim one copy; a relay whose lease ran out and was taken over cannot record its late result over
+  the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
+  nobody unlocks anything by hand.
+- New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
+- A message is acknowledged (250) only once it is committed, with the server's synchronous_commit
+  (on by default: the commit is on the primary's disk). Claims and results commit with
+  synchronous_commit off, as the SQLite spool does not fsync them: a crash of the database can only
+  repeat a copy. A message and its copies are one statement, a copy's result is one statement (and a
+  second to forget the message after its last copy): round trips are what a shared spool costs.
+- The database unreachable is SpoolWriteError 451 4.3.0; the pool reconnects by itself on a later call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Collection
+from typing import TypeAlias, TypeVar
+
+import asyncpg
+import structlog
+
+from relay.core.policy import CopyKind
+from relay.core.replies import Reply
+from relay.spool.interface import (
+    CopyResult,
+    CopyState,
+    CopySummary,
+    Failure,
+    MessageSummary,
+    NewMessage,
+    Progress,
+    SettledMessage,
+    SpooledCopy,
+    SpoolWriteError,
+    closed_spool_error,
+)
+
+# Versioned schema: migration N (1-based) takes a database from version N - 1 to N, in one transaction.
+MIGRATIONS = (
+    """
+    CREATE TABLE messages (
+        id text PRIMARY KEY,
+        mail_from text NOT NULL,
+        smtputf8 boolean NOT NULL,
+        upstream text,
+        is_bounce boolean NOT NULL,
+        received_at double precision NOT NULL,
+        body bytea NOT NULL,
+        -- Counted down by each copy's last result, in the same statement: the copies of one message
+        -- recorded at once by several relays take turns on this row, and exactly one sees 0.
+        copies_left integer NOT NULL,
+        failed boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE copies (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        position integer NOT NULL,
+        kind text NOT NULL,
+        recipients text[] NOT NULL,  -- the recipients still to deliver
+        headers bytea NOT NULL,
+        state text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt double precision NOT NULL,
+        last_code integer,           -- the last attempt's reply, if it was not a success
+        last_enhanced text,
+        last_text text,
+        lease_owner text,
+        fence bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX copies_due ON copies (next_attempt);
+    CREATE INDEX copies_message ON copies (message_id);
+    CREATE TABLE failures (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        recipient text NOT NULL,
+        code integer NOT NULL,
+        enhanced text NOT NULL,
+        text text NOT NULL,
+        headers bytea NOT NULL
+    );
+    CREATE INDEX failures_message ON failures (message_id);
+    CREATE TABLE sends (
+        sent_at double precision NOT NULL,
+        recipients integer NOT NULL
+    );
+    CREATE INDEX sends_time ON sends (sent_at);
+    """,
+)
+SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
+NEW_MAIL_CHANNEL = "privacy_relay_due"
+# Connections per relay process: the listener's sessions store at once, the scheduler claims and records.
+POOL_SIZE = 10
+# An unreachable database is a 451 within seconds, not a client left waiting.
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 30.0
+# Seconds between attempts to listen again after the notification connection was lost.
+LISTEN_RETRY = 2.0
+
+_T = TypeVar("_T")
+# Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+# record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
+_FORGET_COPY = "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+_KEEP_FOR_RETRY = (
+    "UPDATE copies SET state = $11, recipients = $12, next_attempt = $13, last_code = $14, last_enhanced = $15,"
+    " last_text = $16, attempts = attempts + $17, lease_owner = NULL"
+    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+)
+# The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
+# counted down when the copy is done ($4 sent_at, $5 recipients delivered, $6 to $9 the failed recipients and
+# their replies' codes, enhanced statuses and texts, $10 1 when the copy is done).
+_RECORD_REST = (
+    "), expired AS (DELETE FROM sends WHERE sent_at < $4 - 86400),"  # a day: as far back as rate limits look
+    " sent AS (INSERT INTO sends (sent_at, recipients) SELECT $4, $5 FROM copy WHERE $5 > 0),"
+    " failures AS (INSERT INTO failures (message_id, recipient, code, enhanced, text, headers)"
+    " SELECT copy.message_id, f.recipient, f.code, f.enhanced, f.text, copy.headers FROM copy,"
+    " unnest($6::text[], $7::integer[], $8::text[], $9::text[]) AS f(recipient, code, enhanced, text)),"
+    " message AS (UPDATE messages m SET copies_left = copies_left - $10::integer,"
+    " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
+    " RETURNING m.id, m.copies_left, m.failed)"
+    " SELECT id, copies_left, failed FROM message"
+)
+_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
+_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
+# What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
+# (InternalClientError: a connection cut while a query was on it.)
+_UNAVAILABLE = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _unavailable(exc: BaseException) -> SpoolWriteError:
+    detail = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
+    return SpoolWriteError(451, "4.3.0", f"The relay cannot reach its spool database ({detail}); try again later")
+
+
+class PostgresSpool:
+    """The Spool on PostgreSQL; open() connects, creates or migrates the schema, and starts listening."""
+
+    def __init__(self, url: str, password: str | None = None) -> None:
+        self._url = url
+        self._password = password
+        # Two pools: commits a client's 250 waits for (the server's synchronous_commit), and claims and
+        # results, one per copy, which do not wait for the WAL flush (a database crash only repeats a copy).
+        self._durable: asyncpg.Pool[asyncpg.Record] | None = None
+        self._fast: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._wake: Callable[[], None] | None = None
+        # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        # The fencing counter of each copy this process holds, as its claim set it.
+        self._fences: dict[int, int] = {}
+        self.log = structlog.get_logger("relay")
+
+    @property
+    def label(self) -> str:
+        # Without the query (sslmode and the like): where the spool is, not how it is reached.
+        return self._url.split("?", 1)[0]
+
+    async def open(self) -> None:
+        """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
+        try:
+            self._durable = await self._create_pool({})
+            async with self._durable.acquire() as connection:
+                await self._migrate(connection)
+                durable_commit = await connection.fetchval("SHOW synchronous_commit")
+            self._fast = await self._create_pool({"synchronous_commit": "off"})
+        except _UNAVAILABLE as exc:
+            await self.close()
+            raise _unavailable(exc) from exc
+        if durable_commit == "off":
+            self.log.warning(
+                "spool.synchronous_commit_off",
+                hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
+            )
+        self._listening = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _create_pool(self, settings: dict[str, str]) -> asyncpg.Pool[asyncpg.Record]:
+        return await asyncpg.create_pool(
+            self._url,
+            password=self._password,
+            timeout=CONNECT_TIMEOUT,
+            # No floor: asyncpg would keep reconnecting it (and logging each failure) while the database is down.
+            min_size=0,
+            max_size=POOL_SIZE,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=settings,
+        )
+
+    async def _migrate(self, connection: Connection) -> None:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await connection.execute("CREATE TABLE IF NOT EXISTS privacy_relay_schema (version integer NOT NULL)")
+            version = await connection.fetchval("SELECT coalesce(max(version), 0) FROM privacy_relay_schema")
+            if version > len(MIGRATIONS):
+                raise asyncpg.InterfaceError(
+                    f"the spool database's schema is version {version}, newer than this relay's "
+                    f"{len(MIGRATIONS)}: upgrade this relay"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                await connection.execute(MIGRATIONS[number - 1])
+                await connection.execute("INSERT INTO privacy_relay_schema (version) VALUES ($1)", number)
+                self.log.info("spool.migrated", version=number)
+
+    def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
+        """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
+        self._wake = wake
+
+    async def _listen(self) -> None:
+        """Hold a connection that LISTENs, and open it again whenever it is lost (the database restarted)."""
+        while True:
+            try:
+                connection = await asyncpg.connect(self._url, password=self._password, timeout=CONNECT_TIMEOUT)
+            except _UNAVAILABLE:
+                await asyncio.sleep(LISTEN_RETRY)
+                continue
+            lost = asyncio.Event()
+            try:
+                connection.add_termination_listener(functools.partial(_set_event, lost))
+                await connection.add_listener(NEW_MAIL_CHANNEL, self._notified)
+                # Mail may have arrived while nobody listened.
+                self._notified()
+                await lost.wait()
+            except _UNAVAILABLE:
+                pass
+            finally:
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT)
+            await asyncio.sleep(LISTEN_RETRY)
+
+    def _notified(self, *_: object) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
+        """work in a transaction of its own; durable=False commits without waiting for the WAL flush."""
+        return await self._statements(work, durable, transaction=True)
+
+    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """work's statements each on its own: reads, which commit nothing."""
+        return await self._statements(work, durable=False)
+
+    async def _statements(
+        self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True, transaction: bool = False
+    ) -> _T:
+        """work on a connection of the durable or the fast pool, each statement committed on its own
+        (work that is one statement) unless transaction."""
+        pool = self._durable if durable else self._fast
+        if pool is None:
+            raise closed_spool_error()
+        try:
+            async with pool.acquire() as connection:
+                if not transaction:
+                    return await work(connection)
+                async with connection.transaction():
+                    return await work(connection)
+        except asyncpg.UniqueViolationError:
+            raise
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
+        async def insert(connection: Connection) -> tuple[int, ...]:
+            ids = await self._insert(connection, message)
+            if message.claimed < len(message.copies):
+                # Sent after the commit: a relay it wakes finds the copies there.
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return ids
+
+        ids = await self._statements(insert)
+        # Committed means durable here: the callback and the return come together.
+        if committed is not None:
+            committed(ids)
+        return ids
+
+    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
+        """The message and its copies in one statement; their ids in order."""
+        copies = message.copies
+        first_claimed = [position < message.claimed for position in range(len(copies))]
+        rows = await connection.fetch(
+            "WITH message AS (INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body,"
+            " copies_left) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)"
+            " INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
+            " fence) SELECT message.id, c.position, c.kind, string_to_array(c.recipients, E'\\n'), c.headers, c.state,"
+            " c.next_attempt,"
+            " c.owner, c.fence FROM message, unnest($9::integer[], $10::text[], $11::text[], $12::bytea[],"
+            " $13::text[], $14::float8[], $15::text[], $16::bigint[])"
+            " AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
+            " RETURNING id, position",
+            message.id,
+            message.mail_from,
+            message.smtputf8,
+            message.upstream,
+            message.is_bounce,
+            message.received_at,
+            message.body,
+            len(copies),
+            list(range(len(copies))),
+            [copy.kind for copy in copies],
+            # Recipients are never empty and hold no line break (SMTP forbids both): one text each here.
+            ["\n".join(copy.recipients) for copy in copies],
+            [copy.headers for copy in copies],
+            [CopyState.SENDING if claimed else CopyState.QUEUED for claimed in first_claimed],
+            [message.claimed_until if claimed else message.received_at for claimed in first_claimed],
+            [self.owner if claimed else None for claimed in first_claimed],
+            [int(claimed) for claimed in first_claimed],
+        )
+        ids = tuple(row["id"] for row in sorted(rows, key=lambda row: row["position"]))
+        self._fences.update((copy_id, 1) for copy_id in ids[: message.claimed])
+        return ids
+
+    async def recover(self) -> int:
+        """Nothing to do: a restarted relay is a new owner, and the copies the old one held go again once
+        their leases run out (spool.lease), taken by whichever relay is first."""
+        return 0
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
+        async def claim(connection: Connection) -> list[asyncpg.Record]:
+            # SKIP LOCKED: relays claiming at the same moment take different copies instead of waiting.
+            return await connection.fetch(
+                "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
+                " FOR UPDATE SKIP LOCKED)"
+                " UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
+                " FROM due, messages m WHERE c.id = due.id AND m.id = c.message_id"
+                " RETURNING c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts, c.fence,"
+                " m.mail_from, m.smtputf8, m.upstream, m.received_at",
+                now,
+                limit,
+                CopyState.SENDING,
+                now + lease,
+                self.owner,
+            )
+
+        rows = await self._statements(claim, durable=False)
+        # Kept once committed: a claim that failed holds nothing.
+        self._fences.update((row["id"], row["fence"]) for row in rows)
+        return [
+            SpooledCopy(
+                id=row["id"],
+                message_id=row["message_id"],
+                position=row["position"],
+                kind=CopyKind(row["kind"]),
+                recipients=tuple(row["recipients"]),
+                headers=bytes(row["headers"]),
+                mail_from=row["mail_from"],
+                smtputf8=row["smtputf8"],
+                upstream=row["upstream"],
+                received_at=row["received_at"],
+                attempts=row["attempts"],
+            )
+            for row in sorted(rows, key=lambda row: (row["message_id"], row["position"]))
+        ]
+
+    async def bodies(self, message_ids: Collection[str]) -> dict[str, bytes]:
+        async def read(connection: Connection) -> dict[str, bytes]:
+            rows = await connection.fetch("SELECT id, body FROM messages WHERE id = ANY($1::text[])", list(message_ids))
+            return {row["id"]: bytes(row["body"]) for row in rows}
+
+        return await self._read(read)
+
+    async def release(self, copy_id: int, next_attempt: float) -> None:
+        fence = self._fences.pop(copy_id, None)
+
+        async def put_back(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET state = $1, next_attempt = $2, lease_owner = NULL"
+                " WHERE id = $3 AND lease_owner = $4 AND fence = $5",
+                CopyState.QUEUED,
+                next_attempt,
+                copy_id,
+                self.owner,
+                fence,
+            )
+
+        await self._run(put_back, durable=False)
+
+    async def postpone(self, now: float, until: float) -> None:
+        async def delay(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND next_attempt <= $3",
+                until,
+                CopyState.QUEUED,
+                now,
+            )
+
+        await self._run(delay, durable=False)
+
+    async def record(self, result: CopyResult) -> Progress:
+        fence = self._fences.pop(result.copy_id, None)
+        failed = [recipient for recipient, _ in result.failed]
+        replies = [reply for _, reply in result.failed]
+        delivered = len(result.delivered)
+        last = result.last_reply
+
+        async def update(connection: Connection) -> Progress:
+            # One statement, which only touches the copy while this relay's lease on it stands. It keeps
+            # the failures and counts the send; a retry puts the copy back, a last result counts the
+            # message's copies down.
+            row = await connection.fetchrow(
+                _RECORD_RETRY if result.retry else _RECORD_LAST,
+                result.copy_id,
+                self.owner,
+                fence,
+                result.sent_at,
+                delivered,
+                failed,
+                [reply.code for reply in replies],
+                [reply.enhanced for reply in replies],
+                [reply.text for reply in replies],
+                0 if result.retry else 1,
+                *(
+                    (
+                        CopyState.QUEUED,
+                        list(result.retry),
+                        result.next_attempt,
+                        *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
+                        int(result.counts_as_attempt),
+                    )
+                    if result.retry
+                    else ()
+                ),
+            )
+            if row is None:
+                # Deleted with `queue delete`, or our lease ran out and another relay claimed the copy:
+                # its result, not this late one, stands.
+                self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
+                return Progress.SENDING
+            if result.retry or row["copies_left"] > 0:
+                return Progress.SENDING
+            if row["failed"]:
+                return Progress.SETTLED
+            # Every copy delivered: the recipient list goes now. (Lost to a crash here, the message is
+            # found settled with nothing to bounce, and retired then.)
+            await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
+            return Progress.DELIVERED
+
+        return await self._statements(update, durable=False)
+
+    async def next_due(self) -> float | None:
+        async def earliest(connection: Connection) -> float | None:
+            value = await connection.fetchval("SELECT min(next_attempt) FROM copies")
+            return None if value is None else float(value)
+
+        return await self._read(earliest)
+
+    async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
+        async def find(connection: Connection) -> list[SettledMessage]:
+            rows = await connection.fetch(
+                "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
+                " WHERE copies_left = 0"
+                " AND ($1::text IS NULL OR m.id = $1)",
+                message_id,
+            )
+            settled = []
+            for row in rows:
+                failures = await _failures(connection, row["id"])
+                settled.append(
+                    SettledMessage(
+                        row["id"],
+                        row["mail_from"],
+                        row["upstream"],
+                        row["is_bounce"],
+                        row["received_at"],
+                        failures,
+                        bytes(row["body"]),
+                    )
+                )
+            return settled
+
+        return await self._run(find, durable=False)
+
+    async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
+        async def swap(connection: Connection) -> None:
+            deleted = await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id)
+            # Another relay retired it first (and bounced it): one bounce, not one per relay.
+            if deleted is not None and replacement is not None:
+                await self._insert(connection, replacement)
+
+        await self._run(swap)
+
+    async def recent_sends(self, since: float) -> list[tuple[float, int]]:
+        async def sends(connection: Connection) -> list[tuple[float, int]]:
+            rows = await connection.fetch(
+                "SELECT sent_at, recipients FROM sends WHERE sent_at >= $1 ORDER BY sent_at", since
+            )
+            return [(float(row["sent_at"]), int(row["recipients"])) for row in rows]
+
+        return await self._read(sends)
+
+    async def summaries(self) -> list[MessageSummary]:
+        return await self._read(lambda connection: _summaries(connection, None))
+
+    async def summary(self, message_id: str) -> MessageSummary | None:
+        found = await self._read(lambda connection: _summaries(connection, message_id))
+        return found[0] if found else None
+
+    async def retry_now(self, now: float, message_id: str | None) -> int:
+        async def make_due(connection: Connection) -> int:
+            status = await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND ($3::text IS NULL OR message_id = $3)",
+                now,
+                CopyState.QUEUED,
+                message_id,
+            )
+            await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self._run(make_due)
+
+    async def delete(self, message_id: str) -> bool:
+        async def remove(connection: Connection) -> bool:
+            return await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id) is not None
+
+        return await self._run(remove)
+
+    async def close(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+        pools = [pool for pool in (self._durable, self._fast) if pool is not None]
+        self._durable = self._fast = None
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+async def _failures(connection: Connection, message_id: str) -> tuple[Failure, ...]:
+    rows = await connection.fetch(
+        "SELECT recipient, code, enhanced, text, headers FROM failures WHERE message_id = $1 ORDER BY id", message_id
+    )
+    return tuple(
+        Failure(row["recipient"], Reply(row["code"], row["enhanced"], row["text"]), bytes(row["headers"]))
+        for row in rows
+    )
+
+
+async def _summaries(connection: Connection, message_id: str | None) -> list[MessageSummary]:
+    rows = await connection.fetch(
+        "SELECT id, mail_from, upstream, is_bounce, received_at, length(body) AS size FROM messages"
+        " WHERE $1::text IS NULL OR id = $1 ORDER BY received_at, id",
+        message_id,
+    )
+    summaries = []
+    for row in rows:
+        copies = tuple(
+            CopySummary(
+                c["id"],
+                c["position"],
+                CopyKind(c["kind"]),
+                tuple(c["recipients"]),
+                CopyState(c["state"]),
+                c["attempts"],
+                c["next_attempt"],
+                None if c["last_code"] is None else Reply(c["last_code"], c["last_enhanced"], c["last_text"]),
+            )
+            for c in await connection.fetch(
+                "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_code, last_enhanced,"
+                " last_text FROM copies WHERE message_id = $1 ORDER BY position, id",
+                row["id"],
+            )
+        )
+        failures = await _failures(connection, row["id"])
+        summaries.append(
+            MessageSummary(
+                row["id"],
+                row["mail_from"],
+                row["upstream"],
+                row["is_bounce"],
+                row["received_at"],
+                row["size"],
+                copies,
+                failures,
+            )
+        )
+    return summaries
