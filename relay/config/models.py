@@ -391,8 +391,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _rate_limit_needs_one_worker(self) -> Config:
-        # Each worker process counts only its own sends, so N workers would allow N times the limit.
+        # With SQLite each worker process counts only its own sends, so N workers would allow N times the
+        # limit; a shared spool (spool.url) counts every relay's and worker's sends in the database.
         limited = self.upstream.rate_limit.per_minute or self.upstream.rate_limit.per_day
-        if limited and self.listen.workers > 1:
-            raise ValueError("upstream.rate_limit is counted per process: with it set, listen.workers must be 1")
+        if limited and self.listen.workers > 1 and not self.spool.shared:
+            raise ValueError(
+                "upstream.rate_limit is counted per process with the SQLite spool: with it set, listen.workers "
+                "must be 1 (or the spool shared in PostgreSQL, spool.url)"
+            )
         return self

@@ -20,7 +20,7 @@ from relay.delivery.bodies import BodyCache
 from relay.delivery.destinations import Destinations
 from relay.delivery.retire import Retirer
 from relay.delivery.watch import Watch
-from relay.spool.interface import NewMessage, Progress, SchedulerSpool, SpooledCopy, SpoolWriteError
+from relay.spool.interface import NewMessage, Progress, SchedulerSpool, SharedSends, SpooledCopy, SpoolWriteError
 from relay.upstream.errors import UpstreamFailure, upstream_failure
 from relay.upstream.pool import SendOutcome
 
@@ -182,16 +182,20 @@ class Scheduler:
             return
         # A body already in memory (copies of its message are being sent) is not read again.
         read = await self._spool.bodies(self.bodies.missing(copy.message_id for copy in batch))
+        sendable: list[tuple[SpooledCopy, bytes]] = []
         for copy in batch:
             if copy.id in self._in_flight:
                 continue
-            body = self.bodies.get(copy.message_id)
-            if body is None:
-                body = read.get(copy.message_id)
-            if body is None:
-                continue  # deleted (`queue delete`) since the claim, its copies with it
+            body = self.bodies.get(copy.message_id) or read.get(copy.message_id)
+            if body is not None:  # else deleted (`queue delete`) since the claim, its copies with it
+                sendable.append((copy, body))
+        granted, shared_wait = await self._take_shared_sends(now, [copy for copy, _ in sendable])
+        for index, (copy, body) in enumerate(sendable):
             now = self._clock()
             wait = max(self.limiter.wait(now, len(copy.recipients)), self.pacer.wait(now))
+            if index >= granted:
+                # Other relays sharing the spool used the rate limit's room.
+                wait = max(wait, shared_wait)
             if wait > 0:
                 self._log_daily_cap(now, len(copy.recipients))
                 await self._spool.release(copy.id, now + wait)
@@ -199,6 +203,14 @@ class Scheduler:
                 continue
             self._capped_logged = False
             self._launch(copy, body, now)
+
+    async def _take_shared_sends(self, now: float, copies: list[SpooledCopy]) -> tuple[int, float]:
+        """With a spool several relays share and a rate limit, how many copies the limit leaves room for
+        across all of them, and how long the rest wait; otherwise all of them (this relay's limiter decides)."""
+        limit = self._config.upstream.rate_limit
+        if not isinstance(self._spool, SharedSends) or (limit.per_minute is None and limit.per_day is None):
+            return len(copies), 0.0
+        return await self._spool.take_sends(now, copies, limit.per_minute, limit.per_day)
 
     def _stop_waiting_for_held_copies(self, message_id: str) -> None:
         """A client waiting in hybrid mode hears about the copies in flight, not those a rate limit holds back."""

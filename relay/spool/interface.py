@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from relay.core.policy import CopyKind
 from relay.core.replies import RelayError, Reply
@@ -185,6 +185,16 @@ class SchedulerSpool(Protocol):
         """(time, recipients) of the transactions sent since then, for rate limits across restarts."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedSends(Protocol):
+    """A spool that several relays share counts their sends for upstream.rate_limit (PostgresSpool)."""
+
+    async def take_sends(
+        self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
+    ) -> tuple[int, float]:
+        """How many of these copies (in order) may be sent now, counted over every relay; the rest's wait."""
 
 
 class AdminSpool(Protocol):

@@ -23,12 +23,13 @@ import functools
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeAlias, TypeVar
 
 import asyncpg
 import structlog
 
+from relay.core.pacing import RateLimiter
 from relay.core.policy import CopyKind
 from relay.core.replies import Reply
 from relay.spool.interface import (
@@ -97,6 +98,7 @@ MIGRATIONS = (
     """,
 )
 SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
+SENDS_LOCK = 0x70726977  # and relays taking sends within upstream.rate_limit count one at a time
 NEW_MAIL_CHANNEL = "privacy_relay_due"
 # Connections per relay process: the listener's sessions store at once, the scheduler claims and records.
 POOL_SIZE = 10
@@ -164,6 +166,8 @@ class PostgresSpool:
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         # The fencing counter of each copy this process holds, as its claim set it.
         self._fences: dict[int, int] = {}
+        # Copies whose send take_sends() counted already: their result does not count it again.
+        self._counted: set[int] = set()
         self.log = structlog.get_logger("relay")
 
     @property
@@ -403,6 +407,8 @@ class PostgresSpool:
 
     async def record(self, result: CopyResult) -> Progress:
         fence = self._fences.pop(result.copy_id, None)
+        counted = result.copy_id in self._counted
+        self._counted.discard(result.copy_id)
         failed = [recipient for recipient, _ in result.failed]
         replies = [reply for _, reply in result.failed]
         delivered = len(result.delivered)
@@ -418,7 +424,7 @@ class PostgresSpool:
                 self.owner,
                 fence,
                 result.sent_at,
-                delivered,
+                0 if counted else delivered,
                 failed,
                 [reply.code for reply in replies],
                 [reply.enhanced for reply in replies],
@@ -451,6 +457,37 @@ class PostgresSpool:
             return Progress.DELIVERED
 
         return await self._statements(update, durable=False)
+
+    async def take_sends(
+        self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
+    ) -> tuple[int, float]:
+        """How many of these claimed copies (in order) may be sent now within upstream.rate_limit, counted
+        over every relay that shares the spool, and how long the rest must wait. The copies granted count
+        as sent now; relays take turns (an advisory lock), so together they never exceed the limit."""
+        limiter = RateLimiter(per_minute, per_day)
+
+        async def take(connection: Connection) -> tuple[int, float]:
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", SENDS_LOCK)
+            for row in await connection.fetch(
+                "SELECT sent_at, recipients FROM sends WHERE sent_at > $1 ORDER BY sent_at", now - 86400
+            ):
+                limiter.record(row["sent_at"], row["recipients"])
+            granted = 0
+            for copy in copies:
+                if limiter.wait(now, len(copy.recipients)) > 0:
+                    break
+                limiter.record(now, len(copy.recipients))
+                granted += 1
+            await connection.executemany(
+                "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)",
+                [(now, len(copy.recipients)) for copy in copies[:granted]],
+            )
+            rest = copies[granted:]
+            return granted, limiter.wait(now, len(rest[0].recipients)) if rest else 0.0
+
+        granted, wait = await self._run(take, durable=False)
+        self._counted.update(copy.id for copy in copies[:granted])
+        return granted, wait
 
     async def next_due(self) -> float | None:
         async def earliest(connection: Connection) -> float | None:

@@ -198,3 +198,28 @@ def test_the_database_stopped_and_restarted_under_load_4xx_while_down_nothing_lo
     )
     assert lost == 0
     assert refusals and all(400 <= code < 500 for code in refusals)
+
+
+def test_two_relays_keep_one_rate_limit_between_them(
+    loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
+) -> None:
+    upstream = UpstreamOnPort(loops, RecordingHandler(), free_port())
+    upstream.start()
+    settings = upstream_settings(
+        upstream.port,
+        RELAY_DELIVERY_MODE="queue",
+        RELAY_UPSTREAM_RATE_LIMIT_PER_MINUTE="5",
+        **shared_spool(postgres_database, spool_password_file),
+    )
+    relays = [RelayProcess(relay_dir(tmp_path, f"relay{n}"), settings) for n in range(2)]
+    try:
+        for number, relay in enumerate(relays):
+            send_to(relay.port, 5, f"limited{number}", recipients_each=1)
+        assert wait_until(lambda: len(upstream.handler.messages) >= 5)
+        time.sleep(3)  # both relays poll, and would send more if each counted only its own
+        delivered_within_the_minute = len(upstream.handler.messages)
+    finally:
+        for relay in relays:
+            relay.stop()
+        upstream.stop()
+    assert delivered_within_the_minute == 5

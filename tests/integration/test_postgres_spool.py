@@ -136,3 +136,17 @@ async def test_copies_of_one_message_recorded_at_once_forget_it_exactly_once(pos
         assert await spool.summaries() == []
     finally:
         await spool.close()
+
+
+async def test_relays_sharing_the_spool_take_sends_within_one_rate_limit(two_relays) -> None:
+    first, second = two_relays
+    for number in range(8):
+        await first.store(message(f"M{number}", [f"r{number}@x.test"]))
+    mine = await first.claim_due(1000.0, 4, lease=60)
+    theirs = await second.claim_due(1000.0, 4, lease=60)
+    assert await first.take_sends(1000.0, mine, per_minute=5, per_day=None) == (4, 0.0)
+    granted, wait = await second.take_sends(1010.0, theirs, per_minute=5, per_day=None)
+    assert granted == 1 and wait == pytest.approx(50.0)
+    # A result of a copy whose send was counted at the start does not count it again.
+    await first.record(CopyResult(mine[0].id, delivered=mine[0].recipients, sent_at=1001.0))
+    assert len(await first.recent_sends(0)) == 5
