@@ -7,8 +7,10 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from filelock import AsyncFileLock, FileLock
+if TYPE_CHECKING:
+    from filelock import AsyncFileLock, FileLock
 
 
 def write_atomically(path: Path, parts: Iterable[bytes]) -> None:
@@ -38,9 +40,14 @@ def _lock_file(path: Path) -> Path:
 
 def change_lock(path: Path) -> FileLock:
     """Held while a process reads, changes and writes `path`, so two at once do not lose one's change."""
+    # Imported when needed: filelock costs every worker process start-up time and memory.
+    from filelock import FileLock
+
     return FileLock(_lock_file(path), mode=0o600)
 
 
 def async_change_lock(path: Path) -> AsyncFileLock:
     """change_lock() for the event loop: the wait for another process runs in a thread."""
+    from filelock import AsyncFileLock
+
     return AsyncFileLock(_lock_file(path), mode=0o600)

@@ -325,15 +325,7 @@ class PolicyConfig(_Section):
 
     def settings(self) -> PolicySettings:
         """The same values for the core, which takes plain data."""
-        return PolicySettings(
-            action=self.action,
-            min_recipients=self.min_recipients,
-            internal_domains=self.internal_domains,
-            always_visible=self.always_visible,
-            calendar=self.calendar,
-            tnef=self.tnef,
-            override_tag=self.override_tag,
-        )
+        return PolicySettings(**self.model_dump())
 
 
 class LoggingConfig(_Section):

@@ -1,4 +1,5 @@
-"""The pure core: a message, its addresses and content, the policy, the rewrite, the leak check, the replies.
+"""The pure core: the message, its addresses and content, the policy, the rewrite and line lengths, the leak check,
+the sender checks, the replies, the DSN, and the rules for routing, pacing and retrying.
 
 Bytes and plain data in, plain data out: no sockets, files, clocks, event loop or configuration library
 (pyproject.toml's import-linter contract holds it to that).

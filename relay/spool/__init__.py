@@ -1,4 +1,5 @@
-"""Where accepted mail waits for the upstream: a SQLite file on one machine, or PostgreSQL shared by several relays."""
+"""Where accepted mail waits for the upstream: the Spool interface (interface.py), its SQLite implementation for
+one machine, and PostgreSQL (postgres.py) shared by several relays; build_spool() picks by spool.url."""
 
 from __future__ import annotations
 
