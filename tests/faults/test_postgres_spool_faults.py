@@ -31,6 +31,13 @@ def shared_spool(url: str, password_file: Path, **more: str) -> dict[str, str]:
     return {"RELAY_SPOOL_URL": url, "RELAY_SPOOL_PASSWORD_FILE": str(password_file), "RELAY_SPOOL_LEASE": LEASE, **more}
 
 
+def queue_mode_on_shared_spool(upstream_port: int, url: str, password_file: Path, **more: str) -> dict[str, str]:
+    """Relays in queue mode (every copy claimed through the spool), fast retries, the shared spool."""
+    return upstream_settings(
+        upstream_port, RELAY_DELIVERY_MODE="queue", **FAST_RETRIES, **shared_spool(url, password_file), **more
+    )
+
+
 def send_to(port: int, count: int, tag: str, recipients_each: int = 5) -> list[tuple[str, str]]:
     """count messages, each with its recipients all in To (so each is split); the copies acknowledged."""
     accepted = []
@@ -80,12 +87,7 @@ def test_two_relays_one_killed_mid_delivery_the_other_delivers_its_copies(
 ) -> None:
     upstream = UpstreamOnPort(loops, SlowerHandler(), free_port())
     upstream.start()
-    settings = upstream_settings(
-        upstream.port,
-        RELAY_DELIVERY_MODE="queue",
-        **FAST_RETRIES,
-        **shared_spool(postgres_database, spool_password_file),
-    )
+    settings = queue_mode_on_shared_spool(upstream.port, postgres_database, spool_password_file)
     doomed = RelayProcess(relay_dir(tmp_path, "doomed"), settings)
     survivor = RelayProcess(relay_dir(tmp_path, "survivor"), settings)
     try:
@@ -112,12 +114,7 @@ def test_two_relays_racing_for_the_same_copies_send_none_twice(
 ) -> None:
     upstream = UpstreamOnPort(loops, SlowHandler(), free_port())
     upstream.start()
-    settings = upstream_settings(
-        upstream.port,
-        RELAY_DELIVERY_MODE="queue",
-        **FAST_RETRIES,
-        **shared_spool(postgres_database, spool_password_file),
-    )
+    settings = queue_mode_on_shared_spool(upstream.port, postgres_database, spool_password_file)
     relays = [RelayProcess(relay_dir(tmp_path, f"relay{n}"), settings) for n in range(2)]
     try:
         accepted: list[tuple[str, str]] = []
@@ -205,11 +202,8 @@ def test_two_relays_keep_one_rate_limit_between_them(
 ) -> None:
     upstream = UpstreamOnPort(loops, RecordingHandler(), free_port())
     upstream.start()
-    settings = upstream_settings(
-        upstream.port,
-        RELAY_DELIVERY_MODE="queue",
-        RELAY_UPSTREAM_RATE_LIMIT_PER_MINUTE="5",
-        **shared_spool(postgres_database, spool_password_file),
+    settings = queue_mode_on_shared_spool(
+        upstream.port, postgres_database, spool_password_file, RELAY_UPSTREAM_RATE_LIMIT_PER_MINUTE="5"
     )
     relays = [RelayProcess(relay_dir(tmp_path, f"relay{n}"), settings) for n in range(2)]
     try:
