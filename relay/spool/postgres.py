@@ -7,24 +7,18 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
   the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
   nobody unlocks anything by hand.
 - New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
-- A message is acknowledged (250) only once it is committed, with the server's synchronous_commit
-  (on by default: the commit is on the primary's disk). Claims and results commit with
-  synchronous_commit off, as the SQLite spool does not fsync them: a crash of the database can only
-  repeat a copy. A message and its copies are one statement, a copy's result is one statement (and a
+- A message is acknowledged (250) only once it is committed (relay/spool/postgres_database.py says
+  how durably). A message and its copies are one statement, a copy's result is one statement (and a
   second to forget the message after its last copy): round trips are what a shared spool costs.
-- The database unreachable is SpoolWriteError 451 4.3.0; the pool reconnects by itself on a later call.
+- upstream.rate_limit is one count in the database for every relay (take_sends).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import TypeAlias, TypeVar
+from collections.abc import Callable, Collection, Sequence
 
 import asyncpg
 import structlog
@@ -42,75 +36,10 @@ from relay.spool.interface import (
     Progress,
     SettledMessage,
     SpooledCopy,
-    SpoolWriteError,
-    closed_spool_error,
 )
+from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
 
-# Versioned schema: migration N (1-based) takes a database from version N - 1 to N, in one transaction.
-MIGRATIONS = (
-    """
-    CREATE TABLE messages (
-        id text PRIMARY KEY,
-        mail_from text NOT NULL,
-        smtputf8 boolean NOT NULL,
-        upstream text,
-        is_bounce boolean NOT NULL,
-        received_at double precision NOT NULL,
-        body bytea NOT NULL,
-        -- Counted down by each copy's last result, in the same statement: the copies of one message
-        -- recorded at once by several relays take turns on this row, and exactly one sees 0.
-        copies_left integer NOT NULL,
-        failed boolean NOT NULL DEFAULT false
-    );
-    CREATE TABLE copies (
-        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
-        position integer NOT NULL,
-        kind text NOT NULL,
-        recipients text[] NOT NULL,  -- the recipients still to deliver
-        headers bytea NOT NULL,
-        state text NOT NULL,
-        attempts integer NOT NULL DEFAULT 0,
-        next_attempt double precision NOT NULL,
-        last_code integer,           -- the last attempt's reply, if it was not a success
-        last_enhanced text,
-        last_text text,
-        lease_owner text,
-        fence bigint NOT NULL DEFAULT 0
-    );
-    CREATE INDEX copies_due ON copies (next_attempt);
-    CREATE INDEX copies_message ON copies (message_id);
-    CREATE TABLE failures (
-        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        message_id text NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
-        recipient text NOT NULL,
-        code integer NOT NULL,
-        enhanced text NOT NULL,
-        text text NOT NULL,
-        headers bytea NOT NULL
-    );
-    CREATE INDEX failures_message ON failures (message_id);
-    CREATE TABLE sends (
-        sent_at double precision NOT NULL,
-        recipients integer NOT NULL
-    );
-    CREATE INDEX sends_time ON sends (sent_at);
-    """,
-)
-SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
-SENDS_LOCK = 0x70726977  # and relays taking sends within upstream.rate_limit count one at a time
-NEW_MAIL_CHANNEL = "privacy_relay_due"
-# Connections per relay process: the listener's sessions store at once, the scheduler claims and records.
-POOL_SIZE = 10
-# An unreachable database is a 451 within seconds, not a client left waiting.
-CONNECT_TIMEOUT = 5.0
-COMMAND_TIMEOUT = 30.0
-# Seconds between attempts to listen again after the notification connection was lost.
-LISTEN_RETRY = 2.0
-
-_T = TypeVar("_T")
-# Subscripted in the stubs only; a string, so nothing subscripts the class at run time.
-Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+SENDS_LOCK = 0x70726977  # pg_advisory_xact_lock key: relays taking sends within upstream.rate_limit take turns
 # record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
 _FORGET_COPY = "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
 _KEEP_FOR_RETRY = (
@@ -134,34 +63,13 @@ _RECORD_REST = (
 )
 _RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
 _RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
-# What a lost or refused database connection raises; a unique violation is the caller's mistake instead.
-# (InternalClientError: a connection cut while a query was on it.)
-_UNAVAILABLE = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-
-
-def _unavailable(exc: BaseException) -> SpoolWriteError:
-    detail = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0]
-    return SpoolWriteError(451, "4.3.0", f"The relay cannot reach its spool database ({detail}); try again later")
 
 
 class PostgresSpool:
     """The Spool on PostgreSQL; open() connects, creates or migrates the schema, and starts listening."""
 
     def __init__(self, url: str, password: str | None = None) -> None:
-        self._url = url
-        self._password = password
-        # Two pools: commits a client's 250 waits for (the server's synchronous_commit), and claims and
-        # results, one per copy, which do not wait for the WAL flush (a database crash only repeats a copy).
-        self._durable: asyncpg.Pool[asyncpg.Record] | None = None
-        self._fast: asyncpg.Pool[asyncpg.Record] | None = None
-        self._listening: asyncio.Task[None] | None = None
-        self._wake: Callable[[], None] | None = None
+        self._db = Database(url, password)
         # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         # The fencing counter of each copy this process holds, as its claim set it.
@@ -173,109 +81,15 @@ class PostgresSpool:
     @property
     def label(self) -> str:
         # Without the query (sslmode and the like): where the spool is, not how it is reached.
-        return self._url.split("?", 1)[0]
+        return self._db.url.split("?", 1)[0]
 
     async def open(self) -> None:
         """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
-        try:
-            self._durable = await self._create_pool({})
-            async with self._durable.acquire() as connection:
-                await self._migrate(connection)
-                durable_commit = await connection.fetchval("SHOW synchronous_commit")
-            self._fast = await self._create_pool({"synchronous_commit": "off"})
-        except _UNAVAILABLE as exc:
-            await self.close()
-            raise _unavailable(exc) from exc
-        if durable_commit == "off":
-            self.log.warning(
-                "spool.synchronous_commit_off",
-                hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
-            )
-        self._listening = asyncio.get_running_loop().create_task(self._listen())
-
-    async def _create_pool(self, settings: dict[str, str]) -> asyncpg.Pool[asyncpg.Record]:
-        return await asyncpg.create_pool(
-            self._url,
-            password=self._password,
-            timeout=CONNECT_TIMEOUT,
-            # No floor: asyncpg would keep reconnecting it (and logging each failure) while the database is down.
-            min_size=0,
-            max_size=POOL_SIZE,
-            command_timeout=COMMAND_TIMEOUT,
-            server_settings=settings,
-        )
-
-    async def _migrate(self, connection: Connection) -> None:
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await connection.execute("CREATE TABLE IF NOT EXISTS privacy_relay_schema (version integer NOT NULL)")
-            version = await connection.fetchval("SELECT coalesce(max(version), 0) FROM privacy_relay_schema")
-            if version > len(MIGRATIONS):
-                raise asyncpg.InterfaceError(
-                    f"the spool database's schema is version {version}, newer than this relay's "
-                    f"{len(MIGRATIONS)}: upgrade this relay"
-                )
-            for number in range(version + 1, len(MIGRATIONS) + 1):
-                await connection.execute(MIGRATIONS[number - 1])
-                await connection.execute("INSERT INTO privacy_relay_schema (version) VALUES ($1)", number)
-                self.log.info("spool.migrated", version=number)
+        await self._db.open()
 
     def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
         """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
-        self._wake = wake
-
-    async def _listen(self) -> None:
-        """Hold a connection that LISTENs, and open it again whenever it is lost (the database restarted)."""
-        while True:
-            try:
-                connection = await asyncpg.connect(self._url, password=self._password, timeout=CONNECT_TIMEOUT)
-            except _UNAVAILABLE:
-                await asyncio.sleep(LISTEN_RETRY)
-                continue
-            lost = asyncio.Event()
-            try:
-                connection.add_termination_listener(functools.partial(_set_event, lost))
-                await connection.add_listener(NEW_MAIL_CHANNEL, self._notified)
-                # Mail may have arrived while nobody listened.
-                self._notified()
-                await lost.wait()
-            except _UNAVAILABLE:
-                pass
-            finally:
-                with contextlib.suppress(*_UNAVAILABLE):
-                    await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT)
-            await asyncio.sleep(LISTEN_RETRY)
-
-    def _notified(self, *_: object) -> None:
-        if self._wake is not None:
-            self._wake()
-
-    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
-        """work in a transaction of its own; durable=False commits without waiting for the WAL flush."""
-        return await self._statements(work, durable, transaction=True)
-
-    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
-        """work's statements each on its own: reads, which commit nothing."""
-        return await self._statements(work, durable=False)
-
-    async def _statements(
-        self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True, transaction: bool = False
-    ) -> _T:
-        """work on a connection of the durable or the fast pool, each statement committed on its own
-        (work that is one statement) unless transaction."""
-        pool = self._durable if durable else self._fast
-        if pool is None:
-            raise closed_spool_error()
-        try:
-            async with pool.acquire() as connection:
-                if not transaction:
-                    return await work(connection)
-                async with connection.transaction():
-                    return await work(connection)
-        except asyncpg.UniqueViolationError:
-            raise
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+        self._db.wake_on_new_mail(wake)
 
     async def store(
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
@@ -287,7 +101,7 @@ class PostgresSpool:
                 await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
             return ids
 
-        ids = await self._statements(insert)
+        ids = await self._db.statements(insert)
         # Committed means durable here: the callback and the return come together.
         if committed is not None:
             committed(ids)
@@ -351,7 +165,7 @@ class PostgresSpool:
                 self.owner,
             )
 
-        rows = await self._statements(claim, durable=False)
+        rows = await self._db.statements(claim, durable=False)
         # Kept once committed: a claim that failed holds nothing.
         self._fences.update((row["id"], row["fence"]) for row in rows)
         return [
@@ -376,7 +190,7 @@ class PostgresSpool:
             rows = await connection.fetch("SELECT id, body FROM messages WHERE id = ANY($1::text[])", list(message_ids))
             return {row["id"]: bytes(row["body"]) for row in rows}
 
-        return await self._read(read)
+        return await self._db.read(read)
 
     async def release(self, copy_id: int, next_attempt: float) -> None:
         fence = self._fences.pop(copy_id, None)
@@ -392,7 +206,7 @@ class PostgresSpool:
                 fence,
             )
 
-        await self._run(put_back, durable=False)
+        await self._db.run(put_back, durable=False)
 
     async def postpone(self, now: float, until: float) -> None:
         async def delay(connection: Connection) -> None:
@@ -403,7 +217,7 @@ class PostgresSpool:
                 now,
             )
 
-        await self._run(delay, durable=False)
+        await self._db.run(delay, durable=False)
 
     async def record(self, result: CopyResult) -> Progress:
         fence = self._fences.pop(result.copy_id, None)
@@ -456,7 +270,7 @@ class PostgresSpool:
             await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
             return Progress.DELIVERED
 
-        return await self._statements(update, durable=False)
+        return await self._db.statements(update, durable=False)
 
     async def take_sends(
         self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
@@ -464,28 +278,11 @@ class PostgresSpool:
         """How many of these claimed copies (in order) may be sent now within upstream.rate_limit, counted
         over every relay that shares the spool, and how long the rest must wait. The copies granted count
         as sent now; relays take turns (an advisory lock), so together they never exceed the limit."""
-        limiter = RateLimiter(per_minute, per_day)
 
         async def take(connection: Connection) -> tuple[int, float]:
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", SENDS_LOCK)
-            for row in await connection.fetch(
-                "SELECT sent_at, recipients FROM sends WHERE sent_at > $1 ORDER BY sent_at", now - 86400
-            ):
-                limiter.record(row["sent_at"], row["recipients"])
-            granted = 0
-            for copy in copies:
-                if limiter.wait(now, len(copy.recipients)) > 0:
-                    break
-                limiter.record(now, len(copy.recipients))
-                granted += 1
-            await connection.executemany(
-                "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)",
-                [(now, len(copy.recipients)) for copy in copies[:granted]],
-            )
-            rest = copies[granted:]
-            return granted, limiter.wait(now, len(rest[0].recipients)) if rest else 0.0
+            return await _take_sends(connection, now, copies, RateLimiter(per_minute, per_day))
 
-        granted, wait = await self._run(take, durable=False)
+        granted, wait = await self._db.run(take, durable=False)
         self._counted.update(copy.id for copy in copies[:granted])
         return granted, wait
 
@@ -494,7 +291,7 @@ class PostgresSpool:
             value = await connection.fetchval("SELECT min(next_attempt) FROM copies")
             return None if value is None else float(value)
 
-        return await self._read(earliest)
+        return await self._db.read(earliest)
 
     async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
         async def find(connection: Connection) -> list[SettledMessage]:
@@ -520,7 +317,7 @@ class PostgresSpool:
                 )
             return settled
 
-        return await self._run(find, durable=False)
+        return await self._db.run(find, durable=False)
 
     async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
         async def swap(connection: Connection) -> None:
@@ -529,7 +326,7 @@ class PostgresSpool:
             if deleted is not None and replacement is not None:
                 await self._insert(connection, replacement)
 
-        await self._run(swap)
+        await self._db.run(swap)
 
     async def recent_sends(self, since: float) -> list[tuple[float, int]]:
         async def sends(connection: Connection) -> list[tuple[float, int]]:
@@ -538,13 +335,13 @@ class PostgresSpool:
             )
             return [(float(row["sent_at"]), int(row["recipients"])) for row in rows]
 
-        return await self._read(sends)
+        return await self._db.read(sends)
 
     async def summaries(self) -> list[MessageSummary]:
-        return await self._read(lambda connection: _summaries(connection, None))
+        return await self._db.read(lambda connection: _summaries(connection, None))
 
     async def summary(self, message_id: str) -> MessageSummary | None:
-        found = await self._read(lambda connection: _summaries(connection, message_id))
+        found = await self._db.read(lambda connection: _summaries(connection, message_id))
         return found[0] if found else None
 
     async def retry_now(self, now: float, message_id: str | None) -> int:
@@ -558,31 +355,40 @@ class PostgresSpool:
             await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
             return int(status.rsplit(" ", 1)[1])
 
-        return await self._run(make_due)
+        return await self._db.run(make_due)
 
     async def delete(self, message_id: str) -> bool:
         async def remove(connection: Connection) -> bool:
             return await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id) is not None
 
-        return await self._run(remove)
+        return await self._db.run(remove)
 
     async def close(self) -> None:
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listening
-        pools = [pool for pool in (self._durable, self._fast) if pool is not None]
-        self._durable = self._fast = None
-        for pool in pools:
-            try:
-                await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
-            except (TimeoutError, *_UNAVAILABLE):
-                pool.terminate()
+        await self._db.close()
 
 
-def _set_event(event: asyncio.Event, *_: object) -> None:
-    event.set()
+async def _take_sends(
+    connection: Connection, now: float, copies: Sequence[SpooledCopy], limiter: RateLimiter
+) -> tuple[int, float]:
+    await connection.execute("SELECT pg_advisory_xact_lock($1)", SENDS_LOCK)
+    # In time order: the limiter's windows expire from the oldest.
+    rows = await connection.fetch(
+        "SELECT sent_at, recipients FROM sends WHERE sent_at > $1 ORDER BY sent_at", now - 86400
+    )
+    for row in rows:
+        limiter.record(row["sent_at"], row["recipients"])
+    granted = 0
+    for copy in copies:
+        if limiter.wait(now, len(copy.recipients)) > 0:
+            break
+        limiter.record(now, len(copy.recipients))
+        granted += 1
+    await connection.executemany(
+        "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)",
+        [(now, len(copy.recipients)) for copy in copies[:granted]],
+    )
+    rest = copies[granted:]
+    return granted, limiter.wait(now, len(rest[0].recipients)) if rest else 0.0
 
 
 async def _failures(connection: Connection, message_id: str) -> tuple[Failure, ...]:

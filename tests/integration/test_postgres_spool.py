@@ -11,7 +11,8 @@ import pytest
 from bench.postgres import PASSWORD, PrivateCluster
 from relay.core.replies import Reply
 from relay.spool.interface import CopyResult, Progress, SpoolWriteError
-from relay.spool.postgres import MIGRATIONS, PostgresSpool
+from relay.spool.postgres import PostgresSpool
+from relay.spool.postgres_database import MIGRATIONS
 from tests.unit.test_spool import message
 
 
