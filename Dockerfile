@@ -1,16 +1,27 @@
 # privacy-relay as a sidecar: other containers send mail to it on port 1025.
 # Configure it with RELAY_* environment variables (see the README and docs/docker.md).
 
-FROM python:3.12-slim AS build
+# Any image with Python 3.11 or newer (python, python -m venv, pip) will do: CI, which reaches no image
+# registry, builds one from Debian's packages (.ci/docker-base) and passes it with --build-arg.
+ARG BASE_IMAGE=python:3.12-slim
+
+FROM ${BASE_IMAGE} AS build
 # Build into a virtual environment so the final stage copies one folder and no build tools.
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, in their own layer: a change to the relay's code rebuilds only the last step.
+# With the PostgreSQL driver (the postgres extra), so the same image can be one of several relays
+# sharing a spool (spool.url).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['postgres'], sep='\n')" \
+        >requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+COPY README.md ./
 COPY relay/ relay/
-# With the PostgreSQL driver, so the same image runs as one of several relays sharing a spool (spool.url).
-RUN /opt/venv/bin/pip install --no-cache-dir '.[postgres]'
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
-FROM python:3.12-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="privacy-relay" \
       org.opencontainers.image.description="A local SMTP relay that stops mail from exposing recipients' addresses to each other" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -3,6 +3,8 @@
 - `upstream`: an aiosmtpd server that records every transaction and answers as a test tells it to.
 - `start_relay(**settings)`: a privacy-relay RelayServer with the given config, delivering to the
   upstream or to an outbox folder.
+- `swaks(relay, sender, recipients, message)`: swaks as the mail client. Set
+  PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1 (as .ci/run does) to make a missing swaks a failure, not a skip.
 Tests then talk to them with smtplib, as a real client would.
 """
 
@@ -12,12 +14,14 @@ import asyncio
 import base64
 import itertools
 import os
+import shutil
 import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trustme
@@ -249,6 +253,12 @@ def relay_config(tmp_path: Path, environ: dict[str, str] | None = None, config_f
     return load_config(config_file, settings)
 
 
+class ReachableRelay(Protocol):
+    """A relay listening on a loopback port: in this process, a subprocess or a container."""
+
+    port: int
+
+
 @dataclass
 class RunningRelay:
     server: RelayServer
@@ -340,6 +350,52 @@ def write_users(tmp_path: Path, user_password_hash: str) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def swaks_path() -> str:
+    path = shutil.which("swaks")
+    if path is None:
+        if os.environ.get("PRIVACY_RELAY_TESTS_REQUIRE_SWAKS") == "1":
+            pytest.fail("swaks is not installed (apt-get install swaks), and PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1")
+        pytest.skip("swaks is not installed (apt-get install swaks)")
+    return path
+
+
+@pytest.fixture
+def swaks(swaks_path: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """swaks(relay, sender, recipients, message_bytes) -> the finished swaks run (output in .stdout)."""
+
+    def send(
+        relay: ReachableRelay, sender: str, recipients: list[str], message: bytes
+    ) -> subprocess.CompletedProcess[str]:
+        message_path = tmp_path / "message.eml"
+        # swaks ends DATA with CRLF . CRLF itself: the file's own last line break would become body.
+        message_path.write_bytes(message.removesuffix(b"\r\n"))
+        return subprocess.run(
+            [
+                swaks_path,
+                "--server",
+                f"127.0.0.1:{relay.port}",
+                "--helo",
+                "client.test",
+                "--from",
+                sender,
+                "--to",
+                ",".join(recipients),
+                "--data",
+                f"@{message_path}",
+                "--timeout",
+                "20",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return send
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 from relay import __version__
+from relay.admin import service, setup
 from relay.config.loading import load_config
 from relay.config.models import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig
 from relay.core.addresses import parse_address_list
@@ -54,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
             help="YAML config file (default: ./config/relay.yaml if it exists, else built-in defaults)",
         )
 
+    setup_command = commands.add_parser(
+        "setup",
+        help="answer a few questions to set up your provider; writes the config",
+        description="Asks for your provider, address and password (each also a flag; with all given it asks "
+        "nothing), writes the config and a password file (mode 0600), tests the login as `check` does, and "
+        "shows the settings for your mail program.",
+    )
+    setup.add_arguments(setup_command)
+    service_command = commands.add_parser(
+        "service",
+        help="start the relay when you log in (install), or no longer (uninstall)",
+        description="Install or remove a systemd user unit (Linux, WSL) or a launchd agent (macOS) that runs "
+        "`privacy-relay serve` in this folder when you log in.",
+    )
+    service.add_arguments(service_command)
     serve = commands.add_parser("serve", help="run the relay", description="Run the relay.")
     config_option(serve)
     check = commands.add_parser(
@@ -374,6 +390,11 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "setup":
+        # It writes the config, so it does not read one that may not exist yet (or is being replaced).
+        return setup.run(args)
+    if args.command == "service":
+        return service.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

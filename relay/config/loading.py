@@ -222,7 +222,8 @@ def check_listen_safety(listen: ListenConfig) -> None:
             f"listen.host is {listen.host!r}, which other machines can reach, but "
             "listen.allowed_networks is empty and listen.auth is not required. That would make an open "
             "relay anyone could use to send mail in your name. Set listen.allowed_networks (for example "
-            "[192.168.1.0/24], or RELAY_LISTEN_ALLOWED_NETWORKS=172.16.0.0/12 in a container), "
+            "[192.168.1.0/24], or RELAY_LISTEN_ALLOWED_NETWORKS=127.0.0.1/32,172.16.0.0/12 in a container, "
+            "where the health check connects from 127.0.0.1), "
             "or set listen.auth: required, or listen on 127.0.0.1."
         )
     if listen.auth == "required" and listen.tls == "none":

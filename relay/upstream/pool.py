@@ -248,6 +248,9 @@ async def probe_upstream(
                 client.close()
                 return steps
             await client.starttls()
+            # The extensions (AUTH among them) are offered anew after TLS: without this EHLO, log_in
+            # would see none and fall back to trying every mechanism.
+            await client.ehlo()
             steps.append(ProbeStep(current, True, "TLS started, certificate accepted"))
         if config.username:
             current = "auth"

@@ -1,10 +1,10 @@
-"""End-to-end fixtures: `privacy-relay serve` as a real subprocess, swaks as the mail client, and a
-private Postfix with privacy-relay as its content filter.
+"""End-to-end fixtures: `privacy-relay serve` as a real subprocess, and a private Postfix with
+privacy-relay as its content filter.
 
 The relay listens on port 0 and its JSON start-up log line says which port it got, so no test ever
-races another process for a "free" port. Set PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1 (as .ci/run does)
-to make a missing swaks a failure instead of a skip, and PRIVACY_RELAY_TESTS_REQUIRE_POSTFIX=1 a
-missing Postfix (or not being root, which a private Postfix needs).
+races another process for a "free" port. The swaks fixtures are in tests/conftest.py. Set
+PRIVACY_RELAY_TESTS_REQUIRE_POSTFIX=1 (as .ci/run does as root) to make a missing Postfix (or not
+being root, which a private Postfix needs) a failure instead of a skip.
 """
 
 from __future__ import annotations
@@ -111,52 +111,6 @@ def serve_relay(tmp_path: Path, loops: LoopThread) -> Iterator[Callable[..., Ser
             relay.process.wait()
             pytest.fail(f"privacy-relay serve ignored SIGTERM:\n{relay.log_path.read_text()}")
         assert returncode == 0, relay.log_path.read_text()
-
-
-@pytest.fixture(scope="session")
-def swaks_path() -> str:
-    path = shutil.which("swaks")
-    if path is None:
-        if os.environ.get("PRIVACY_RELAY_TESTS_REQUIRE_SWAKS") == "1":
-            pytest.fail("swaks is not installed (apt-get install swaks), and PRIVACY_RELAY_TESTS_REQUIRE_SWAKS=1")
-        pytest.skip("swaks is not installed (apt-get install swaks)")
-    return path
-
-
-@pytest.fixture
-def swaks(swaks_path: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """swaks(relay, sender, recipients, message_bytes) -> the finished swaks run (output in .stdout)."""
-
-    def send(
-        relay: ServedRelay, sender: str, recipients: list[str], message: bytes
-    ) -> subprocess.CompletedProcess[str]:
-        message_path = tmp_path / "message.eml"
-        # swaks ends DATA with CRLF . CRLF itself: the file's own last line break would become body.
-        message_path.write_bytes(message.removesuffix(b"\r\n"))
-        return subprocess.run(
-            [
-                swaks_path,
-                "--server",
-                f"127.0.0.1:{relay.port}",
-                "--helo",
-                "client.test",
-                "--from",
-                sender,
-                "--to",
-                ",".join(recipients),
-                "--data",
-                f"@{message_path}",
-                "--timeout",
-                "20",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    return send
 
 
 @dataclass

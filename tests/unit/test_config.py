@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -215,6 +217,19 @@ def test_non_loopback_bind_without_allowed_networks_is_refused_as_an_open_relay(
 
     assert "listen.allowed_networks" in message
     assert "open relay" in message
+
+
+def test_the_container_suggestion_followed_literally_lets_the_health_check_in() -> None:
+    message = error_of(environ={"RELAY_LISTEN_HOST": "0.0.0.0"})
+    suggested = re.search(r"RELAY_LISTEN_ALLOWED_NETWORKS=(\S+)", message)
+    assert suggested is not None
+
+    networks = load_config(
+        None, {"RELAY_LISTEN_HOST": "0.0.0.0", "RELAY_LISTEN_ALLOWED_NETWORKS": suggested.group(1)}
+    ).listen.networks()
+
+    # The image's health check connects from inside the container.
+    assert any(ipaddress.ip_address("127.0.0.1") in network for network in networks)
 
 
 def test_non_loopback_bind_with_allowed_networks_is_accepted() -> None:

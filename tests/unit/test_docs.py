@@ -17,18 +17,28 @@ from relay.config.models import PASSWORD_ENV, YAML_ONLY_KEYS, Config, ConfigErro
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+CONFIGURATION_REFERENCE = ROOT / "docs" / "configuration.md"
 EXAMPLE_CONFIG = ROOT / "config" / "relay.example.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKER_GUIDE = ROOT / "docs" / "docker.md"
+COMPOSE_EXAMPLE = ROOT / "contrib" / "docker" / "compose.yaml"
 # The files this test keeps honest; other guides in docs/ have their own owners.
-OWN_DOCS = (README, EXAMPLE_CONFIG, DOCKERFILE, DOCKER_GUIDE, ROOT / "docs" / "mail-clients.md")
+OWN_DOCS = (
+    README,
+    CONFIGURATION_REFERENCE,
+    EXAMPLE_CONFIG,
+    DOCKERFILE,
+    DOCKER_GUIDE,
+    COMPOSE_EXAMPLE,
+    ROOT / "docs" / "mail-clients.md",
+)
 
 QUICK_START = (
     "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/privacy-relay serve",
     "bash .ci/run",
 )
 REFERENCE_ENTRY = re.compile(
-    r"^#### `(?P<key>[a-z0-9_.]+)`\n\nDefault: `(?P<default>[^`]*)` · Environment: `(?P<env>RELAY_[A-Z0-9_]+)`$",
+    r"^### `(?P<key>[a-z0-9_.]+)`\n\nDefault: `(?P<default>[^`]*)` · Environment: `(?P<env>RELAY_[A-Z0-9_]+)`$",
     re.MULTILINE,
 )
 ENV_NAME = re.compile(r"\bRELAY_[A-Z0-9_]*[A-Z0-9]\b")
@@ -79,7 +89,7 @@ def leaf_keys(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[s
 
 
 def reference_entries() -> dict[str, tuple[str, str]]:
-    reference = section(README.read_text(encoding="utf-8"), "## Configuration reference")
+    reference = CONFIGURATION_REFERENCE.read_text(encoding="utf-8")
     return {m["key"]: (m["default"], m["env"]) for m in REFERENCE_ENTRY.finditer(reference)}
 
 
@@ -110,12 +120,12 @@ def test_example_config_names_every_key() -> None:
     assert leaf_keys(tree) == set(ENV_KEYS.values()) | {(key,) for key in YAML_ONLY_KEYS}
 
 
-YAML_ONLY_ENTRY = re.compile(r"^#### `(?P<key>[a-z_]+)`\n\nDefault: `(?P<default>[^`]*)` · YAML only$", re.MULTILINE)
+YAML_ONLY_ENTRY = re.compile(r"^### `(?P<key>[a-z_]+)`\n\nDefault: `(?P<default>[^`]*)` · YAML only$", re.MULTILINE)
 
 
 @pytest.mark.parametrize("key", YAML_ONLY_KEYS)
 def test_reference_documents_yaml_only_keys_with_their_defaults(key: str) -> None:
-    reference = section(README.read_text(encoding="utf-8"), "## Configuration reference")
+    reference = CONFIGURATION_REFERENCE.read_text(encoding="utf-8")
     entries = {m["key"]: m["default"] for m in YAML_ONLY_ENTRY.finditer(reference)}
     documented = Config.model_validate({key: yaml.safe_load(entries[key])})
     assert getattr(documented, key) == getattr(Config(), key)
@@ -141,7 +151,7 @@ def test_readme_yaml_examples_are_valid_configuration() -> None:
 
 
 def test_reference_documents_the_password_variable() -> None:
-    assert PASSWORD_ENV in section(README.read_text(encoding="utf-8"), "## Configuration reference")
+    assert PASSWORD_ENV in CONFIGURATION_REFERENCE.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("path", OWN_DOCS, ids=lambda p: p.name)
@@ -213,9 +223,14 @@ def test_image_refuses_to_start_without_allowed_networks() -> None:
         load_config(EXAMPLE_CONFIG, environ=env)
 
 
+def test_the_docker_guide_shows_the_compose_example_as_it_is() -> None:
+    assert code_blocks(DOCKER_GUIDE.read_text(encoding="utf-8"), "yaml")[0] == COMPOSE_EXAMPLE.read_text(
+        encoding="utf-8"
+    )
+
+
 def test_compose_example_starts_the_relay_for_the_app_network(tmp_path: Path) -> None:
-    blocks = [yaml.safe_load(b) for b in code_blocks(DOCKER_GUIDE.read_text(encoding="utf-8"), "yaml")]
-    compose = next(b for b in blocks if isinstance(b, dict) and "services" in b)
+    compose = yaml.safe_load(COMPOSE_EXAMPLE.read_text(encoding="utf-8"))
     relay = compose["services"]["relay"]
     assert "ports" not in relay, "the relay's port must not be published"
     assert compose["services"]["app"]["depends_on"]["relay"]["condition"] == "service_healthy"
@@ -230,3 +245,18 @@ def test_compose_example_starts_the_relay_for_the_app_network(tmp_path: Path) ->
     assert set(config.listen.allowed_networks) >= {"127.0.0.1/32", subnet}
     assert config.upstream_password is not None
     assert config.upstream_password.get_secret_value() == "app password"
+
+
+def test_the_readme_stays_a_guide_of_under_400_lines() -> None:
+    assert len(README.read_text(encoding="utf-8").splitlines()) < 400
+
+
+@pytest.mark.parametrize("created", ["outbox/copy.eml", "spool/spool.db"])
+def test_git_ignores_what_the_quick_start_creates(created: str) -> None:
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", created], cwd=ROOT, check=False)
+    assert ignored.returncode == 0
+
+
+def test_git_still_sees_the_relays_own_spool_package() -> None:
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", "relay/spool/sqlite.py"], cwd=ROOT)
+    assert ignored.returncode == 1
