@@ -293,8 +293,14 @@ class Scheduler:
         in_flight = list(self._in_flight.values())
         if in_flight:
             _, unfinished = await asyncio.wait(in_flight, timeout=grace)
+            cut_short = [copy_id for copy_id, task in self._in_flight.items() if task in unfinished]
             for task in unfinished:
                 task.cancel()
             if unfinished:
                 await asyncio.wait(unfinished)
+            # Due again at once, for another relay sharing the spool (or this one's next start) to send,
+            # rather than after their leases; they may have arrived: at least once.
+            with contextlib.suppress(SpoolWriteError):
+                for copy_id in cut_short:
+                    await self._spool.release(copy_id, self._clock())
             self.log.info("delivery.stopped", finished=len(in_flight) - len(unfinished), left=len(unfinished))

@@ -217,3 +217,41 @@ def test_two_relays_keep_one_rate_limit_between_them(
             relay.stop()
         upstream.stop()
     assert delivered_within_the_minute == 5
+
+
+class HangingHandler(RecordingHandler):
+    """An upstream whose DATA reply takes longer than any relay waits while it stops."""
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(30)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_send_cut_short_by_a_stop_goes_from_the_other_relay_without_waiting_for_its_lease(
+    loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
+) -> None:
+    hanging = UpstreamOnPort(loops, HangingHandler(), free_port())
+    hanging.start()
+    answering = UpstreamOnPort(loops, RecordingHandler(), free_port())
+    answering.start()
+    # A lease far longer than the test: only the stopping relay's release can make the copy due again.
+    spool = {**shared_spool(postgres_database, spool_password_file), "RELAY_SPOOL_LEASE": "600"}
+    stopping = RelayProcess(
+        relay_dir(tmp_path, "stopping"),
+        upstream_settings(hanging.port, RELAY_DELIVERY_MODE="queue", RELAY_DELIVERY_STOP_TIMEOUT="1", **spool),
+    )
+    try:
+        accepted = send_to(stopping.port, 1, "cut", recipients_each=1)
+        assert wait_until(lambda: in_flight_of(postgres_database, stopping.process.pid) == 1)
+        assert stopping.terminate() == 0
+        other = RelayProcess(
+            relay_dir(tmp_path, "other"), upstream_settings(answering.port, RELAY_DELIVERY_MODE="queue", **spool)
+        )
+        try:
+            assert wait_until(lambda: copy_keys(answering.handler.messages) == accepted, limit=30)
+        finally:
+            other.stop()
+    finally:
+        stopping.stop()
+        hanging.stop()
+        answering.stop()
