@@ -14,7 +14,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bench.postgres import PASSWORD, PrivateCluster
 from tests.conftest import LOOPBACK, LoopThread, RecordingHandler
@@ -74,18 +73,10 @@ def relay_dir(tmp_path: Path, name: str) -> Path:
     return folder
 
 
-class SlowerHandler(RecordingHandler):
-    """50 ms per message: the relays are still sending when one of them is killed."""
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await asyncio.sleep(0.05)
-        return await super().handle_DATA(server, session, envelope)
-
-
 def test_two_relays_one_killed_mid_delivery_the_other_delivers_its_copies(
     loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
 ) -> None:
-    upstream = UpstreamOnPort(loops, SlowerHandler(), free_port())
+    upstream = UpstreamOnPort(loops, RecordingHandler(data_delay=0.05), free_port())  # still sending at the kill
     upstream.start()
     settings = queue_mode_on_shared_spool(upstream.port, postgres_database, spool_password_file)
     doomed = RelayProcess(relay_dir(tmp_path, "doomed"), settings)
@@ -219,18 +210,11 @@ def test_two_relays_keep_one_rate_limit_between_them(
     assert delivered_within_the_minute == 5
 
 
-class HangingHandler(RecordingHandler):
-    """An upstream whose DATA reply takes longer than any relay waits while it stops."""
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await asyncio.sleep(30)
-        return await super().handle_DATA(server, session, envelope)
-
-
 def test_a_send_cut_short_by_a_stop_goes_from_the_other_relay_without_waiting_for_its_lease(
     loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
 ) -> None:
-    hanging = UpstreamOnPort(loops, HangingHandler(), free_port())
+    # Its DATA reply takes longer than the relay waits while it stops.
+    hanging = UpstreamOnPort(loops, RecordingHandler(data_delay=30), free_port())
     hanging.start()
     answering = UpstreamOnPort(loops, RecordingHandler(), free_port())
     answering.start()
