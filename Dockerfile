@@ -51,9 +51,9 @@ WORKDIR /var/lib/privacy-relay
 VOLUME ["/var/lib/privacy-relay/outbox", "/var/spool/privacy-relay"]
 EXPOSE 1025
 
-# Healthy when the relay answers an SMTP connection with its 220 greeting (smtplib raises otherwise).
-# The check connects from 127.0.0.1, so RELAY_LISTEN_ALLOWED_NETWORKS must include 127.0.0.1/32.
+# Healthy when the console's /healthz says the relay accepts mail and its spool can be written (urlopen
+# raises on its 503). The console listens on 127.0.0.1 inside the container, and /healthz needs no token.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, smtplib; smtplib.SMTP('127.0.0.1', int(os.environ.get('RELAY_LISTEN_PORT', '1025')), timeout=4).quit()"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RELAY_CONSOLE_PORT', '8725'), timeout=4)"]
 
 CMD ["privacy-relay", "serve"]

@@ -69,6 +69,7 @@ class RelayProcess:
         env.update(
             RELAY_LISTEN_HOST=LOOPBACK,
             RELAY_LISTEN_PORT=str(self.port),
+            RELAY_CONSOLE_PORT="0",
             RELAY_UPSTREAM_HOST=LOOPBACK,
             RELAY_UPSTREAM_PORT=str(sink_port),
             RELAY_UPSTREAM_TLS="none",

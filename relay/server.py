@@ -7,6 +7,7 @@ running the RelayServer here on connections it receives instead of accepting the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import structlog
 from relay.config.models import Config, ConfigError, ListenConfig, UpstreamConfig
 from relay.delivery.destinations import Destination, OutboxDestination, UpstreamDestination
 from relay.delivery.direct import DirectDelivery
+from relay.delivery.holding import Holding
 from relay.delivery.intake import SpooledDelivery
 from relay.delivery.passthrough import PassthroughLogins
 from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
@@ -29,8 +31,8 @@ from relay.smtp.protocol import RelaySMTP
 from relay.spool import build_spool
 from relay.spool.interface import Spool, SpoolWriteError
 from relay.upstream.oauth import AccessTokens
-from relay.upstream.pool import UpstreamPool
-from relay.workers import ConnectionReceiver, supervise
+from relay.upstream.pool import ProbeStep, UpstreamPool, probe_upstream
+from relay.workers import ConnectionReceiver, supervise, with_port
 
 # Settings a running relay cannot take over on SIGHUP: they need a restart.
 RESTART_ONLY = ("listen", "spool", "delivery.mode")
@@ -59,6 +61,22 @@ def access_tokens(upstream: UpstreamConfig, name: str = "upstream") -> AccessTok
     if not upstream.uses_oauth2:
         return None
     return AccessTokens(upstream.oauth2, f"privacy-relay auth login {name}")
+
+
+async def check_upstreams(config: Config, hostname: str) -> list[tuple[str, list[ProbeStep]]]:
+    """The steps of `privacy-relay check` for each upstream (connect, EHLO, TLS, login), by key; no mail is sent."""
+    checks: list[tuple[str, list[ProbeStep]]] = []
+    if not config.uses_outbox:
+        password = config.upstream_password.get_secret_value() if config.upstream_password else None
+        checks.append(
+            ("upstream", await probe_upstream(config.upstream, password, hostname, access_tokens(config.upstream)))
+        )
+    for name, upstream in config.upstreams.items():
+        secret = config.named_upstream_passwords.get(name)
+        password = secret.get_secret_value() if secret else None
+        steps = await probe_upstream(upstream, password, hostname, access_tokens(upstream, name))
+        checks.append((f"upstreams.{name}", steps))
+    return checks
 
 
 def _refuse_encrypted_key() -> str:
@@ -101,9 +119,19 @@ def build_authenticator(listen: ListenConfig, passthrough: PassthroughLogins | N
 class RelayServer:
     """Raises ConfigError when the TLS certificate or the accounts file cannot be used."""
 
-    def __init__(self, config: Config, recover_spool: bool = True, channel: socket.socket | None = None) -> None:
-        """channel: a worker's end of the supervisor's hand-out of connections, instead of a listening socket."""
+    def __init__(
+        self,
+        config: Config,
+        recover_spool: bool = True,
+        channel: socket.socket | None = None,
+        count_connection: Callable[[], None] | None = None,
+    ) -> None:
+        """channel: a worker's end of the supervisor's hand-out of connections, instead of a listening socket.
+
+        count_connection: called for each client connection, for the console's metrics.
+        """
         self.config = config
+        self._count_connection = count_connection
         self._recover_spool = recover_spool
         self._channel = channel
         self._receiver: ConnectionReceiver | None = None
@@ -127,10 +155,17 @@ class RelayServer:
                 assert isinstance(self.spool, PostgresSpool)
                 # Another relay's new mail wakes this one's scheduler at once, instead of at its next poll.
                 self.spool.wake_on_new_mail(self.delivery.wake)
-        self.handler = RelayHandler(config, self.delivery, self.hostname, self.authenticator)
+        self.holding = Holding(self.spool, self.hostname, lambda: self.config) if self.spool is not None else None
+        self._returning_held: asyncio.Task[None] | None = None
+        self.handler = RelayHandler(
+            config, self.delivery, self.hostname, self.authenticator, history=self.spool, holding=self.holding
+        )
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> RelaySMTP:
+        # asyncio makes one protocol per accepted connection.
+        if self._count_connection is not None:
+            self._count_connection()
         listen = self.config.listen
         return RelaySMTP(
             self.handler,
@@ -156,6 +191,8 @@ class RelayServer:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
             await self.delivery.start(recover=self._recover_spool)
+            assert self.holding is not None
+            self._returning_held = asyncio.create_task(self.holding.return_expired_forever())
         if self._channel is not None:
             self._receiver = ConnectionReceiver(self._channel, self._serve_connection)
             return
@@ -174,6 +211,12 @@ class RelayServer:
             await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection)
         except OSError:
             connection.close()  # the client left before the worker took the connection over
+
+    @property
+    def accepting(self) -> bool:
+        if self._receiver is not None:
+            return self._receiver.open
+        return self._server is not None and self._server.is_serving()
 
     @property
     def port(self) -> int:
@@ -210,6 +253,10 @@ class RelayServer:
             self._server.close()
         if self._receiver is not None:
             self._receiver.close()
+        if self._returning_held is not None:
+            self._returning_held.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._returning_held
         await self.delivery.stop(self.config.delivery.stop_timeout)
 
 
@@ -241,7 +288,15 @@ async def serve(
     channel: socket.socket | None = None,
 ) -> int:
     log = structlog.get_logger("relay")
-    server = RelayServer(config, recover_spool, channel)
+    # A worker (channel set) never serves the console: its supervisor does, for all of them.
+    console = None
+    if config.console.enabled and channel is None:
+        # Imported only here: aiohttp, Jinja2 and prometheus_client cost about 12 MiB, which workers and
+        # relays without a console do not pay.
+        from relay.console import ConsoleThread
+
+        console = ConsoleThread(lambda: server.accepting, check_upstreams)
+    server = RelayServer(config, recover_spool, channel, console.count_connection if console else None)
     warn_about_secret_files(config)
     if not server.hostname_qualified:
         log.warning(
@@ -278,6 +333,8 @@ async def serve(
         users=len(server.authenticator.current_accounts().by_name) if server.authenticator else None,
         passthrough=config.uses_passthrough,
     )
+    if console is not None:
+        console.start(with_port(config, server.port))
 
     def reload() -> None:
         try:
@@ -286,6 +343,8 @@ async def serve(
             log.error("config.reload_refused", error=str(exc), hint="the relay keeps running with the old config")
             return
         ignored = server.reload(new_config)
+        if console is not None:
+            console.reconfigure(with_port(server.config, server.port))
         log.info("config.reloaded", policy=new_config.policy.action, destination=server.destination.label)
         if ignored:
             log.warning("config.restart_needed", settings=ignored)
@@ -297,6 +356,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("relay.stopping")
+    if console is not None:
+        await asyncio.to_thread(console.stop)
     await server.stop()
     log.info("relay.stopped")
     return 0
@@ -341,4 +402,4 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     def run_worker(worker_config: Config, channel: socket.socket) -> int:
         return _run_one(worker_config, reload_config, recover_spool=False, channel=channel)
 
-    return supervise(config, run_worker)
+    return supervise(config, run_worker, reload_config, check_upstreams)

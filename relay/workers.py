@@ -19,14 +19,17 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from relay.config.models import Config
+from relay.config.models import Config, ConfigError
 from relay.delivery.intake import recover_spool
 from relay.spool import build_spool
 from relay.spool.interface import SpoolWriteError
+
+if TYPE_CHECKING:
+    from relay.console import ConsoleThread, UpstreamCheck
 
 # The byte that travels with each handed-over connection (SCM_RIGHTS needs some data).
 _HANDOVER = b"C"
@@ -47,13 +50,22 @@ def listening_socket(config: Config) -> socket.socket:
     return listener
 
 
-def _hand_out(listener: socket.socket, channels: Sequence[socket.socket]) -> None:
+def with_port(config: Config, port: int) -> Config:
+    """The config with the port the relay really listens on (listen.port 0 picks one)."""
+    return config.model_copy(update={"listen": config.listen.model_copy(update={"port": port})})
+
+
+def _hand_out(
+    listener: socket.socket, channels: Sequence[socket.socket], count_connection: Callable[[], None] | None
+) -> None:
     """Accept connections and pass each to the next worker; ends when the listener is shut down."""
     for channel in itertools.cycle(channels):
         try:
             connection, _ = listener.accept()
         except OSError:
             return  # shut down: the relay is stopping
+        if count_connection is not None:
+            count_connection()
         with connection:
             try:
                 socket.send_fds(channel, [_HANDOVER], [connection.fileno()])
@@ -87,6 +99,10 @@ class ConnectionReceiver:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    @property
+    def open(self) -> bool:
+        return self._channel.fileno() >= 0
+
     def close(self) -> None:
         """Take no more connections; those being served go on."""
         if self._channel.fileno() >= 0:
@@ -103,8 +119,16 @@ async def _recover_shared_spool(config: Config) -> None:
         await spool.close()
 
 
-def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]) -> int:
-    """Listen, fork listen.workers workers (run_worker(config with the real port, channel)), hand out connections."""
+def supervise(
+    config: Config,
+    run_worker: Callable[[Config, socket.socket], int],
+    reload_config: Callable[[], Config] | None = None,
+    check_upstreams: UpstreamCheck | None = None,
+) -> int:
+    """Listen, fork listen.workers workers (run_worker(config with the real port, channel)), hand out connections.
+
+    The console, if enabled, runs here, once for all workers, started after the workers are forked.
+    """
     log = structlog.get_logger("relay")
     try:
         listener = listening_socket(config)
@@ -112,7 +136,7 @@ def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]
         log.error("relay.cannot_listen", host=config.listen.host, port=config.listen.port, error=exc.strerror)
         return 1
     port = listener.getsockname()[1]
-    worker_config = config.model_copy(update={"listen": config.listen.model_copy(update={"port": port})})
+    worker_config = with_port(config, port)
     if config.delivery.mode != "direct":
         # Once, before the workers share the spool: a worker recovering on its own would requeue
         # copies that another worker is sending at that moment.
@@ -144,8 +168,13 @@ def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
+        if console is not None and reload_config is not None:
+            # The workers log a refused config themselves; the console keeps showing the old one.
+            with contextlib.suppress(ConfigError):
+                console.reconfigure(with_port(reload_config(), port))
 
     signal.signal(signal.SIGHUP, reload_workers)
+    console: ConsoleThread | None = None
     for _ in range(config.listen.workers):
         if stopping:
             break
@@ -167,7 +196,16 @@ def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]
         theirs.close()
         channels.append(ours)
         workers.add(pid)
-    handing_out = threading.Thread(target=_hand_out, args=(listener, channels), name="accept", daemon=True)
+    if config.console.enabled and not stopping:
+        # Imported after the fork: the workers never load the console's libraries.
+        from relay.console import ConsoleThread
+
+        console = ConsoleThread(lambda: not stopping and len(workers) == config.listen.workers, check_upstreams)
+        console.start(worker_config)
+    count_connection = console.count_connection if console is not None else None
+    handing_out = threading.Thread(
+        target=_hand_out, args=(listener, channels, count_connection), name="accept", daemon=True
+    )
     handing_out.start()
     exit_code = 0
     while workers:
@@ -181,6 +219,8 @@ def supervise(config: Config, run_worker: Callable[[Config, socket.socket], int]
         elif code != 0:
             exit_code = exit_code or 1
     handing_out.join(5)
+    if console is not None:
+        console.stop()
     listener.close()
     for channel in channels:
         channel.close()

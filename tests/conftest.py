@@ -293,6 +293,44 @@ def start_relay(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Run
         loops.run(server.stop())
 
 
+@pytest.fixture
+def start_console(loops: LoopThread, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """start_console(upstream, RELAY_...=...) -> a RunningConsole: a relay and its console on free ports."""
+    from relay.console import ConsoleThread
+    from relay.server import check_upstreams
+    from relay.workers import with_port
+    from tests.support.console import ConsoleClient, RunningConsole
+
+    started: list[tuple[RelayServer, ConsoleThread]] = []
+
+    def start(upstream: Upstream | None = None, **environ: str) -> RunningConsole:
+        if upstream is not None:
+            environ.setdefault("RELAY_UPSTREAM_HOST", upstream.host)
+            environ.setdefault("RELAY_UPSTREAM_PORT", str(upstream.port))
+            environ.setdefault("RELAY_UPSTREAM_TLS", "none")
+        environ.setdefault("RELAY_CONSOLE_PORT", "0")
+        config = relay_config(tmp_path, environ)
+        console = ConsoleThread(lambda: server.accepting, check_upstreams)
+
+        async def boot() -> RelayServer:
+            relay = RelayServer(config, count_connection=console.count_connection)
+            await relay.start()
+            return relay
+
+        server: RelayServer = loops.run(boot())
+        assert console.start(with_port(config, server.port)), "the console did not start"
+        started.append((server, console))
+        assert console.port is not None
+        token = config.console_token_file.read_text().strip()
+        client = ConsoleClient(console.port, token)
+        return RunningConsole(server, server.port, console, client, config.console_token_file)
+
+    yield start
+    for server, console in started:
+        console.stop()
+        loops.run(server.stop())
+
+
 @dataclass
 class RelayCertificate:
     """A trustme certificate for the relay's own listener, as files, and a client context that trusts it."""
@@ -457,3 +495,14 @@ def spool_password_file(tmp_path: Path) -> Path:
     path.write_text(PASSWORD + "\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def spool_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Nothing for the SQLite spool in tmp_path; spool.url and its password file for PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {
+        "RELAY_SPOOL_URL": request.getfixturevalue("postgres_database"),
+        "RELAY_SPOOL_PASSWORD_FILE": str(request.getfixturevalue("spool_password_file")),
+    }

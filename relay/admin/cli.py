@@ -15,12 +15,7 @@ from relay import __version__
 from relay.admin import service, setup
 from relay.config.loading import load_config
 from relay.config.models import DEFAULT_CONFIG_PATH, Config, ConfigError, UpstreamConfig
-from relay.core.addresses import parse_address_list
-from relay.core.message import parse_message
-from relay.core.pipeline import PrivacyCheckFailed, prepare
-from relay.core.policy import Envelope
-from relay.core.replies import RelayError
-from relay.core.rewrite import TraceInfo
+from relay.core.preview import preview_message
 from relay.core.routing import route_for
 from relay.core.senders import Account
 from relay.logs import configure_logging
@@ -136,6 +131,28 @@ def _parser() -> argparse.ArgumentParser:
     delete = queue_commands.add_parser("delete", help="remove a message from the spool without a bounce")
     delete.add_argument("id", metavar="ID")
     for action in (show, retry, delete):
+        config_option(action)
+    held = commands.add_parser(
+        "held",
+        help="messages held for review (policy.action: hold): list, show, release or discard them",
+        description="Held messages wait in the spool until a person decides. Safe while the relay runs.",
+    )
+    held_commands = held.add_subparsers(dest="held_command", required=True, metavar="ACTION")
+    config_option(held_commands.add_parser("list", help="one line per held message"))
+    held_show = held_commands.add_parser("show", help="a held message's sender, subject, recipients and reason")
+    held_show.add_argument("id", metavar="ID")
+    release = held_commands.add_parser(
+        "release",
+        help="send a held message",
+        description="Send a held message: as split (each recipient their own copy), as bcc, or as written "
+        "(everyone sees everyone: asks you to confirm).",
+    )
+    release.add_argument("id", metavar="ID")
+    release.add_argument("--as", dest="release_as", choices=("split", "bcc", "written"), default="split")
+    release.add_argument("--yes", action="store_true", help="confirm --as written without asking")
+    discard = held_commands.add_parser("discard", help="never send a held message")
+    discard.add_argument("id", metavar="ID")
+    for action in (held_show, release, discard):
         config_option(action)
     auth = commands.add_parser(
         "auth",
@@ -350,41 +367,24 @@ def _preview(config: Config, path: Path, mail_from: str | None, rcpts: list[str]
     except OSError as exc:
         print(f"cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 1
-    try:
-        message = parse_message(data)
-    except RelayError as refusal:
-        print(f"decision: refused\nreply:    {refusal.render()}")
-        return 0
-    if mail_from is None:
-        senders = parse_address_list(message.first_value("from") or "")
-        mail_from = senders[0].address if senders else ""
-    if not rcpts:
-        rcpts = [
-            mailbox.address
-            for field in message.fields
-            if field.key in ("to", "cc", "bcc")
-            for mailbox in parse_address_list(field.value)
-        ]
     hostname, _ = config.listen.own_hostname()
-    trace = TraceInfo("preview", "[127.0.0.1]", hostname, "ESMTP", "PREVIEW", formatdate(localtime=True))
-    envelope = Envelope(mail_from, tuple(rcpts))
-    print(f"envelope: from <{mail_from}> to {len(rcpts)} recipient(s)")
-    print(f"upstream: {_describe_route(config, mail_from)}")
-    try:
-        prepared = prepare(envelope, message, config.policy.settings(), trace, f"<preview@{hostname}>")
-    except PrivacyCheckFailed as failure:
-        print(f"decision: refused by the privacy check (header {failure.leak.field})")
-        print(f"reply:    {failure.render()}")
+    result = preview_message(
+        config.policy.settings(), data, hostname, formatdate(localtime=True), mail_from, rcpts or ()
+    )
+    if result.mail_from is None:
+        print(f"decision: refused\nreply:    {result.reply}")
         return 0
-    except RelayError as refusal:
-        print(f"decision: refused\nreply:    {refusal.render()}")
+    print(f"envelope: from <{result.mail_from}> to {len(result.recipients)} recipient(s)")
+    print(f"upstream: {_describe_route(config, result.mail_from)}")
+    if result.reply is not None:
+        check = f" by the privacy check (header {result.leaked_header})" if result.leaked_header else ""
+        print(f"decision: refused{check}\nreply:    {result.reply}")
         return 0
-    decision = prepared.decision
-    print(f"decision: {decision.action.value}\nreason:   {decision.reason}")
-    print(f"copies:   {len(prepared.copies)}")
-    for number, copy in enumerate(prepared.copies, 1):
-        print(f"\n--- copy {number} of {len(prepared.copies)} ({copy.kind}) to: {', '.join(copy.recipients)}")
-        sys.stdout.write(copy.headers.decode("utf-8", errors="replace"))
+    print(f"decision: {result.decision}\nreason:   {result.reason}")
+    print(f"copies:   {len(result.copies)}")
+    for number, copy in enumerate(result.copies, 1):
+        print(f"\n--- copy {number} of {len(result.copies)} ({copy.kind}) to: {', '.join(copy.recipients)}")
+        sys.stdout.write(copy.headers)
     return 0
 
 
@@ -414,6 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.admin.queue import run_queue_command
 
         return run_queue_command(config, args.queue_command, getattr(args, "id", None))
+    if args.command == "held":
+        from relay.admin.held import run_held_command
+
+        return run_held_command(config, args)
     if args.command == "auth":
         return _auth_login(config, args.upstream)
     return _preview(config, args.file, args.mail_from, args.rcpt)

@@ -10,16 +10,12 @@ import asyncio
 import sqlite3
 import sys
 import time
-from datetime import datetime
 
 from relay.config.models import Config
+from relay.core.activity import local_time
 from relay.spool import build_spool
 from relay.spool.interface import AdminSpool, CopyState, MessageSummary, SpoolWriteError
 from relay.spool.sqlite import DATABASE_NAME
-
-
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _next_attempt(summary: MessageSummary) -> str:
@@ -27,7 +23,7 @@ def _next_attempt(summary: MessageSummary) -> str:
     if not waiting:
         return "-"
     soonest = min(waiting)
-    return "now" if soonest <= time.time() else _when(soonest)
+    return "now" if soonest <= time.time() else local_time(soonest)
 
 
 def _print_list(summaries: list[MessageSummary]) -> None:
@@ -39,7 +35,9 @@ def _print_list(summaries: list[MessageSummary]) -> None:
         sender = s.mail_from or "<>"
         if s.is_bounce:
             sender += " (delivery report)"
-        print(f"{s.id:<13} {_when(s.received_at):<19} {s.size:>9} {len(s.copies):>6} {_next_attempt(s):<19} {sender}")
+        print(
+            f"{s.id:<13} {local_time(s.received_at):<19} {s.size:>9} {len(s.copies):>6} {_next_attempt(s):<19} {sender}"
+        )
     copies = sum(len(s.copies) for s in summaries)
     print(f"\n{len(summaries)} message(s), {copies} cop{'y' if copies == 1 else 'ies'} waiting.")
 
@@ -47,11 +45,11 @@ def _print_list(summaries: list[MessageSummary]) -> None:
 def _print_summary(s: MessageSummary) -> None:
     print(f"id:        {s.id}")
     print(f"sender:    {s.mail_from or '<>'}{' (a delivery report made by the relay)' if s.is_bounce else ''}")
-    print(f"received:  {_when(s.received_at)}")
+    print(f"received:  {local_time(s.received_at)}")
     print(f"size:      {s.size} bytes (body, stored once)")
     print(f"upstream:  {s.upstream or 'the default upstream'}")
     for c in s.copies:
-        state = "being sent" if c.state is CopyState.SENDING else f"next attempt {_when(c.next_attempt)}"
+        state = "being sent" if c.state is CopyState.SENDING else f"next attempt {local_time(c.next_attempt)}"
         print(f"\ncopy {c.position + 1} ({c.kind}) to {', '.join(c.recipients)}")
         print(f"  {state}; attempts so far: {c.attempts}")
         if c.last_reply is not None:

@@ -177,7 +177,22 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         )
     check_passthrough_transport(config)
     check_listen_safety(config.listen)
+    check_console_safety(config)
     return config
+
+
+def check_console_safety(config: Config) -> None:
+    """The console's token must not cross a network in clear text."""
+    console = config.console
+    if not console.enabled or is_loopback_host(console.host):
+        return
+    if config.listen.cert_file is None or config.listen.key_file is None:
+        raise ConfigError(
+            f"console.host is {console.host!r}, which other machines can reach, but the console would be "
+            "served without TLS, so its token would cross the network in clear text. Set listen.cert_file "
+            "and listen.key_file (the console uses them for HTTPS), or keep console.host: 127.0.0.1 and "
+            "reach it through an SSH tunnel."
+        )
 
 
 def check_passthrough_transport(config: Config) -> None:

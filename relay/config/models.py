@@ -309,13 +309,18 @@ class DeliveryConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    action: Literal["split", "bcc", "reject", "pass"] = "split"
+    # hold: accept, keep in the spool, send only once a person releases it (console or `privacy-relay held`).
+    action: Literal["split", "bcc", "reject", "pass", "hold"] = "split"
     min_recipients: int = Field(default=2, ge=2)
     internal_domains: tuple[str, ...] = ()
     always_visible: tuple[str, ...] = ()
     calendar: Literal["reject", "pass"] = "reject"
     tnef: Literal["reject", "pass"] = "reject"
     override_tag: str | None = None
+    # action hold: tell the sender their message waits, and how to release it.
+    hold_notify: bool = True
+    # action hold: a message nobody released by then goes back to the sender, not sent.
+    hold_max_age: Duration = Field(default=3 * 86400, gt=0)
 
     @model_validator(mode="after")
     def _override_tag_not_blank(self) -> PolicyConfig:
@@ -326,6 +331,24 @@ class PolicyConfig(_Section):
     def settings(self) -> PolicySettings:
         """The same values for the core, which takes plain data."""
         return PolicySettings(**self.model_dump())
+
+
+class ConsoleConfig(_Section):
+    """The local web page, its JSON API, /healthz and /metrics (relay/console/)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 8725: free in /etc/services and unlike the ports of the tools found beside a relay (Mailpit 8025,
+    # Jupyter 8888, dev servers 3000/5000/8000/8080, Prometheus and its exporters 9090-9999). 0: a free port.
+    port: int = Field(default=8725, ge=0, le=65535)
+    # null: console-token inside spool.path, which only the relay's user may read.
+    token_file: Path | None = None
+    # Host names the console answers to besides localhost, 127.0.0.1, [::1] and console.host.
+    allowed_hosts: tuple[str, ...] = ()
+    # Days the activity page keeps a message, then it is purged.
+    history_days: float = Field(default=14, gt=0)
+    # true: /metrics without the token, for a Prometheus that cannot send one.
+    metrics_public: bool = False
 
 
 class LoggingConfig(_Section):
@@ -342,6 +365,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
     # Named upstreams besides `upstream`, chosen by routes; YAML only (no RELAY_* variables).
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict, json_schema_extra={"yaml_only": True})
     # By envelope sender, first match wins; no match: `upstream` (Postfix's sender_dependent_relayhost_maps).
@@ -367,6 +391,10 @@ class Config(_Section):
         return self
 
     @property
+    def console_token_file(self) -> Path:
+        return self.console.token_file or self.spool.path / "console-token"
+
+    @property
     def uses_outbox(self) -> bool:
         return self.upstream.host is None
 
@@ -379,6 +407,21 @@ class Config(_Section):
     def _passthrough_needs_a_host(self) -> Config:
         if self.upstream.is_passthrough and self.upstream.host is None:
             raise ValueError("upstream.auth is passthrough, so upstream.host must be set: logins are checked there")
+        return self
+
+    @model_validator(mode="after")
+    def _hold_needs_the_spool(self) -> Config:
+        if self.policy.action != "hold":
+            return self
+        if self.delivery.mode == "direct":
+            raise ValueError(
+                "policy.action is hold, so delivery.mode must be hybrid or queue: held mail waits in the spool"
+            )
+        if self.uses_passthrough:
+            raise ValueError(
+                "policy.action is hold, but an upstream's auth is passthrough: that mail is sent while the client "
+                "waits, logged in as the client, so it cannot wait for a person to release it"
+            )
         return self
 
     @model_validator(mode="after")

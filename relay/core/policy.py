@@ -29,6 +29,7 @@ class Action(StrEnum):
     BCC = "bcc"
     REJECT = "reject"
     PASS = "pass"  # noqa: S105 (exposed, sent as written on purpose: audit only)
+    HOLD = "hold"  # exposed: kept, unsent, until a person releases or discards it
     OVERRIDE = "override"  # the sender asked, with policy.override_tag, to send it as written
     UNCHANGED = "unchanged"  # nothing to protect
 
@@ -38,19 +39,23 @@ class CopyKind(StrEnum):
     SINGLE = "single"  # one protected recipient, shown alone in To
     UNDISCLOSED = "undisclosed"  # protected recipients in Bcc, none shown
     BOUNCE = "bounce"  # a delivery report the relay made (relay/delivery), not a plan of the policy
+    NOTICE = "notice"  # the relay's notice to a sender that their message is held (relay/delivery/holding.py)
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySettings:
     """The `policy` section as plain values; the config layer builds it (PolicyConfig.settings()), with its defaults."""
 
-    action: Literal["split", "bcc", "reject", "pass"]
+    action: Literal["split", "bcc", "reject", "pass", "hold"]
     min_recipients: int
     internal_domains: tuple[str, ...]
     always_visible: tuple[str, ...]
     calendar: Literal["reject", "pass"]
     tnef: Literal["reject", "pass"]
     override_tag: str | None
+    # action hold: whether the sender hears that the message waits, and how long before it goes back unsent.
+    hold_notify: bool
+    hold_max_age: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,13 @@ def _dedupe(addresses: tuple[str, ...]) -> list[str]:
             seen.add(key)
             unique.append(address)
     return unique
+
+
+def _counted(count: int, noun: str) -> str:
+    """ "1 address", "3 addresses": reasons are read by people in the console and the logs."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith("ss") else f"{count} {noun}s"
 
 
 def _field_label(key: str) -> str:
@@ -203,7 +215,9 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
         )
     if len(protected) < config.min_recipients:
         return decision(
-            Action.UNCHANGED, f"{len(protected)} protected recipient(s), below policy.min_recipients", everyone
+            Action.UNCHANGED,
+            _counted(len(protected), "protected recipient") + ", fewer than policy.min_recipients",
+            everyone,
         )
 
     headers_expose = _shows_someone_else(shown_anywhere, recipient_keys)
@@ -224,9 +238,9 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
 
     exposed_count = len(shown_anywhere)
     where = " and ".join(exposed_fields) or "To/Cc"
-    reason = f"{exposed_count} recipient address(es) visible to each other in {where}"
+    reason = f"{_counted(exposed_count, 'address')} visible to each other in {where}"
     if calendar_exposes:
-        reason = f"{len(attendees)} recipient address(es) listed as ATTENDEE in a calendar invitation"
+        reason = f"{_counted(len(attendees), 'address')} listed as attendees in a calendar invitation"
     elif tnef_exposes:
         reason = "a winmail.dat (TNEF) attachment carries the recipient list"
     action = Action(config.action)
@@ -237,6 +251,8 @@ def decide(envelope: Envelope, message: ParsedMessage, config: PolicySettings) -
         return decision(Action.REJECT, reason, (), rejection=refusal)
     if tnef_exposes:
         return decision(Action.REJECT, reason, (), rejection=RelayError(550, "5.7.1", TNEF_REFUSAL))
+    if action is Action.HOLD:
+        return decision(Action.HOLD, reason, ())
     if action is Action.REJECT:
         rejection = RelayError(
             550,

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 
 from relay.config.models import Config, RouteConfig
+from relay.core.activity import MessageRecord
 from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
 from relay.core.routing import route_for
@@ -39,8 +40,14 @@ class DirectDelivery:
         return self._destinations.get(route_for(mail_from, self._routes))
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
+        """Nothing is stored in direct mode, so no history is kept (record is not used)."""
         destination = self.destination_for(mail_from)
         report = DeliveryReport(destination.label, len(copies))
         pending = list(enumerate(copies))

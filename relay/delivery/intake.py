@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from relay.config.models import Config
+from relay.core.activity import MessageRecord
 from relay.core.rewrite import OutgoingCopy
 from relay.core.routing import route_for
 from relay.delivery.destinations import Destination, Destinations
@@ -89,7 +90,12 @@ class SpooledDelivery:
         self._scheduler.reconfigure(config)
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
         # Decided once, here, and kept with the message: a retry leaves through the same account.
         upstream = route_for(mail_from, self._config.routes)
@@ -112,6 +118,7 @@ class SpooledDelivery:
             upstream=upstream,
             claimed=starting,
             claimed_until=now + self._config.spool.lease if starting else 0.0,
+            record=record,
         )
         watch = Watch(len(copies), expected=len(copies))
         if hybrid:

@@ -15,6 +15,7 @@ import structlog
 
 from relay.config.models import Config
 from relay.config.routes import UpstreamChoice, upstream_for
+from relay.core.activity import MessageRecord
 from relay.core.message import ParsedMessage
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy
@@ -47,8 +48,14 @@ class PassthroughSession:
         self._delivery: DirectDelivery | None = DirectDelivery(destination, concurrency=1)
 
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
     ) -> DeliveryReport:
+        """Sent at once and never stored: no history is kept (record is not used)."""
         assert self._delivery is not None, "a passthrough session delivers nothing after it ended"
         return await self._delivery.deliver(queue_id, mail_from, copies, smtputf8)
 

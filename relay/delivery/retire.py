@@ -19,7 +19,6 @@ from relay.core.dsn import FailedRecipient, build_dsn
 from relay.core.pacing import Pacer
 from relay.core.policy import CopyKind
 from relay.core.retry import Verdict, judge_attempt
-from relay.core.rewrite import OutgoingCopy
 from relay.delivery.bounces import write_failed
 from relay.delivery.destinations import Destinations
 from relay.spool.interface import (
@@ -30,7 +29,6 @@ from relay.spool.interface import (
     SettledMessage,
     SpooledCopy,
     SpoolWriteError,
-    new_queue_id,
 )
 from relay.upstream.pool import SendOutcome
 
@@ -85,8 +83,10 @@ class Retirer:
             failed=verdict.failed,
             retry=verdict.retry,
             next_attempt=verdict.next_attempt,
-            last_reply=verdict.last_reply,
+            # All delivered: the upstream's 250, which the console shows (its queue id helps find the copy).
+            last_reply=verdict.last_reply or outcome.accepted_reply,
             sent_at=now,
+            reached_upstream=outcome.reached_upstream,
         )
         return verdict, await self._record(result, copy.message_id)
 
@@ -147,15 +147,8 @@ class Retirer:
                 path = await asyncio.to_thread(write_failed, self._failed_folder, message.id, parts)
                 self.log.warning("bounce.kept_as_file", id=message.id, path=str(path))
             else:
-                replacement = NewMessage(
-                    id=new_queue_id(),
-                    mail_from=message.mail_from,
-                    smtputf8=not message.mail_from.isascii(),
-                    body=dsn.body,
-                    copies=(OutgoingCopy((message.mail_from,), CopyKind.BOUNCE, dsn.headers, dsn.body),),
-                    received_at=now,
-                    upstream=message.upstream,
-                    is_bounce=True,
+                replacement = NewMessage.to_sender(
+                    message.mail_from, dsn.headers, dsn.body, now, message.upstream, CopyKind.BOUNCE
                 )
                 self.log.info(
                     "bounce.queued",

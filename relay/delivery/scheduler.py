@@ -264,7 +264,7 @@ class Scheduler:
                 # A wrong password is the relay's problem, not the mail's: keep it until the login is fixed
                 # (Postfix's smtp_sasl_auth_soft_bounce). A client still waiting in hybrid mode gets the 5xx.
                 reply = Reply(454, "4.7.0", f"{reply.text} (the relay keeps the mail and tries again)")
-            outcome = SendOutcome(refused=dict.fromkeys(copy.recipients, reply))
+            outcome = SendOutcome(refused=dict.fromkeys(copy.recipients, reply), reached_upstream=failure.answered)
         verdict, progress = await self._retirer.record_attempt(copy, outcome, self.pacer)
         self.log.info(
             "copy.attempted",

@@ -22,6 +22,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from relay.config.models import Config
+from relay.core.activity import REFUSED, MessageRecord, message_record
 from relay.core.addresses import validate_envelope_address
 from relay.core.message import ParsedMessage, parse_message
 from relay.core.pipeline import PrivacyCheckFailed, prepare
@@ -30,11 +31,12 @@ from relay.core.policy import Envelope as PolicyEnvelope
 from relay.core.replies import RelayError
 from relay.core.rewrite import OutgoingCopy, TraceInfo
 from relay.core.senders import Account, from_header_refusal, sender_refusal
+from relay.delivery.holding import Holding
 from relay.delivery.passthrough import PassthroughSession, own_login_refusal
 from relay.delivery.report import DeliveryReport
 from relay.smtp.accounts import AccountsFile
 from relay.smtp.auth import Authenticator
-from relay.spool.interface import new_queue_id
+from relay.spool.interface import SchedulerSpool, new_queue_id
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Small messages are parsed and prepared on the event loop: handing them to a thread costs more than the work
@@ -45,8 +47,14 @@ INLINE_PREPARE_RECIPIENTS = 50
 
 class Delivery(Protocol):
     async def deliver(
-        self, queue_id: str, mail_from: str, copies: Sequence[OutgoingCopy], smtputf8: bool
-    ) -> DeliveryReport: ...
+        self,
+        queue_id: str,
+        mail_from: str,
+        copies: Sequence[OutgoingCopy],
+        smtputf8: bool,
+        record: MessageRecord | None = None,
+    ) -> DeliveryReport:
+        """record: what the console's history keeps of the message, when this delivery stores it."""
 
 
 def peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -137,10 +145,22 @@ class RelayHandler:
     """aiosmtpd hooks. Holds the config and delivery it was built with."""
 
     def __init__(
-        self, config: Config, delivery: Delivery, hostname: str, authenticator: Authenticator | None = None
+        self,
+        config: Config,
+        delivery: Delivery,
+        hostname: str,
+        authenticator: Authenticator | None = None,
+        history: SchedulerSpool | None = None,
+        holding: Holding | None = None,
     ) -> None:
+        """history: the spool that keeps refused messages for the console too; holding: policy.action hold.
+
+        Both exist with spooled delivery only.
+        """
         self.config = config
         self.delivery = delivery
+        self.history = history
+        self.holding = holding
         self.hostname = hostname
         self.authenticator = authenticator
         self.log = structlog.get_logger("relay")
@@ -283,21 +303,36 @@ class RelayHandler:
             user=login.name if login else None,
             login=passthrough.user if passthrough else None,
         )
+        received_at = time.time()
+
+        async def refuse(refusal: RelayError) -> str:
+            if self.history is not None:
+                record = message_record(mail_from, envelope.rcpt_tos, data, REFUSED, refusal.render())
+                try:
+                    await self.history.remember(queue_id, received_at, record)
+                except RelayError as exc:  # the spool is full: the refusal stands, only its trace is lost
+                    log.error("history.not_stored", reason=exc.text)
+            return refusal.render()
+
         if b"\x00" in data:
             # An upstream that drops NUL bytes would read <CRLF><NUL>.<CRLF> as the end of the message.
             log.info("message.refused", code=550, reason="NUL byte")
-            return "550 5.6.0 The message contains a NUL byte, which SMTP does not allow; fix the sending program"
+            return await refuse(
+                RelayError(
+                    550, "5.6.0", "The message contains a NUL byte, which SMTP does not allow; fix the sending program"
+                )
+            )
         # Parsed once, here; a big message in a thread, so the event loop keeps serving other clients.
         inline = len(data) <= INLINE_PREPARE_BYTES and len(envelope.rcpt_tos) <= INLINE_PREPARE_RECIPIENTS
         try:
             message = parse_message(data) if inline else await asyncio.to_thread(parse_message, data)
         except RelayError as malformed:
             log.info("message.refused", code=malformed.code, reason=malformed.text)
-            return malformed.render()
+            return await refuse(malformed)
         from_refusal = self._from_header_refusal(passthrough, login, message)
         if from_refusal is not None:
             log.info("message.refused", code=from_refusal.code, reason=from_refusal.text)
-            return from_refusal.render()
+            return await refuse(from_refusal)
         # RFC 3848: S for TLS, A for an authenticated client.
         protocol = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
         protocol += ("S" if _is_encrypted(server) else "") + ("A" if session.authenticated else "")
@@ -329,10 +364,10 @@ class RelayHandler:
                 header=failure.leak.field,
                 leaked=failure.leak.address,
             )
-            return failure.render()
+            return await refuse(failure)
         except RelayError as refusal:
             log.info("message.refused", code=refusal.code, reason=refusal.text)
-            return refusal.render()
+            return await refuse(refusal)
 
         decision = prepared.decision
         if decision.action is Action.PASS:
@@ -345,10 +380,13 @@ class RelayHandler:
                 exposed_fields=list(decision.exposed_fields),
                 protected=len(decision.protected),
             )
+        if decision.action is Action.HOLD:
+            return await self._hold(log, queue_id, policy_envelope, data, trace, decision.reason, received_at)
         # A passthrough session's mail goes out now, logged in as the client, and is never spooled.
         delivery = passthrough or self.delivery
         try:
-            report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8)
+            record = message_record(mail_from, envelope.rcpt_tos, data, decision.action.value, decision.reason)
+            report = await delivery.deliver(queue_id, mail_from, prepared.copies, envelope.smtp_utf8, record)
         except RelayError as refusal:
             # The spool could not commit the message: the client keeps it and tries again later.
             log.error("message.not_stored", code=refusal.code, reason=refusal.text)
@@ -366,4 +404,26 @@ class RelayHandler:
             queued=report.queued,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+        return reply
+
+    async def _hold(
+        self,
+        log: Any,
+        queue_id: str,
+        envelope: PolicyEnvelope,
+        data: bytes,
+        trace: TraceInfo,
+        reason: str,
+        received_at: float,
+    ) -> str:
+        if self.holding is None:
+            # policy.action became hold at a reload while delivery.mode is still direct (a restart-only setting).
+            log.error("message.not_held", reason="policy.action hold needs spooled delivery; restart the relay")
+            return "451 4.3.5 The relay cannot hold mail for review until it is restarted; try again later"
+        try:
+            reply = await self.holding.hold(queue_id, envelope, data, trace, reason, received_at)
+        except RelayError as refusal:
+            log.error("message.not_stored", code=refusal.code, reason=refusal.text)
+            return refusal.render()
+        log.info("message.held", reason=reason, size=len(data), recipients=len(envelope.rcpt_tos))
         return reply

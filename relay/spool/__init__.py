@@ -1,5 +1,6 @@
 """Where accepted mail waits for the upstream: the Spool interface (interface.py), its SQLite implementation for
-one machine, and PostgreSQL (postgres.py) shared by several relays; build_spool() picks by spool.url."""
+one machine, and PostgreSQL (postgres.py) shared by several relays; build_spool() picks by spool.url. Both keep the
+history, held messages and totals the console reads (history.py, postgres_history.py)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from relay.core.activity import MessageRecord
 from relay.core.policy import CopyKind
 from relay.core.replies import RelayError, Reply
 from relay.core.rewrite import OutgoingCopy
@@ -22,6 +23,31 @@ from relay.core.rewrite import OutgoingCopy
 class CopyState(enum.StrEnum):
     QUEUED = "queued"
     SENDING = "sending"  # claimed until next_attempt, the end of its lease
+
+
+class HistoryState(enum.StrEnum):
+    """A copy's state in the history the console shows: while it waits, and after it left the spool."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # tried, waiting for a retry
+    BOUNCED = "bounced"
+    HELD = "held"
+    DISCARDED = "discarded"
+
+
+class HeldState(enum.StrEnum):
+    """What became of a message held for review (policy.action: hold)."""
+
+    HELD = "held"
+    RELEASED = "released"
+    DISCARDED = "discarded"
+    RETURNED = "returned"  # held past policy.hold_max_age: returned to the sender, not sent
+
+
+# Upper bounds of the delivery time histogram, in seconds: from a quick relay to a day of retries.
+DELIVERY_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
 
 def new_queue_id() -> str:
@@ -60,6 +86,24 @@ class NewMessage:
     # The first `claimed` copies are stored already claimed until claimed_until: first attempts sent from memory.
     claimed: int = 0
     claimed_until: float = 0.0
+    # Kept in the history for the console; None for the relay's own messages (delivery reports, notices).
+    record: MessageRecord | None = None
+
+    @classmethod
+    def to_sender(
+        cls, sender: str, headers: bytes, body: bytes, now: float, upstream: str | None, kind: CopyKind
+    ) -> NewMessage:
+        """A message the relay writes to a sender (a delivery report, a notice): never bounced itself."""
+        return cls(
+            id=new_queue_id(),
+            mail_from=sender,
+            smtputf8=not sender.isascii(),
+            body=body,
+            copies=(OutgoingCopy((sender,), kind, headers, body),),
+            received_at=now,
+            upstream=upstream,
+            is_bounce=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +135,8 @@ class CopyResult:
     last_reply: Reply | None = None
     counts_as_attempt: bool = True
     sent_at: float = 0.0
+    # False when the attempt never got an answer from the upstream (no connection, TLS, login): /metrics' upstream_up.
+    reached_upstream: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +181,46 @@ class MessageSummary:
     size: int
     copies: tuple[CopySummary, ...]
     failures: tuple[Failure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CopyHistory:
+    position: int
+    recipients: tuple[str, ...]
+    state: HistoryState
+    attempts: int
+    last_reply: Reply | None  # the upstream's 250 once delivered, else the reply that deferred or refused it
+    next_attempt: float | None  # deferred copies: when the next attempt is due
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHistory:
+    id: str
+    received_at: float
+    record: MessageRecord
+    copies: tuple[CopyHistory, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMessage:
+    id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    smtputf8: bool
+    received_at: float
+    trace: dict[str, str]  # what the relay's Received line says, for the copies made at release
+    state: HeldState
+    data: bytes  # the message as received; empty once settled
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolMetrics:
+    """The spool's side of /metrics, read in one go."""
+
+    counters: dict[tuple[str, str], float]  # (name, label) -> total since the spool was made
+    queue_copies: dict[str, int]  # queued (never tried), deferred (tried, waiting), sending
+    oldest_received_at: float | None  # of the messages with copies waiting
+    held: int  # messages held for review
 
 
 class SchedulerSpool(Protocol):
@@ -184,6 +270,12 @@ class SchedulerSpool(Protocol):
     async def recent_sends(self, since: float) -> list[tuple[float, int]]:
         """(time, recipients) of the transactions sent since then, for rate limits across restarts."""
 
+    async def remember(self, message_id: str, received_at: float, record: MessageRecord) -> None:
+        """Keep a message that was not stored (refused) in the history, and count its decision."""
+
+    async def hold(self, message: HeldMessage, record: MessageRecord, notice: NewMessage | None) -> None:
+        """Keep a message unsent until a person decides, with the notice to its sender; durable."""
+
     async def close(self) -> None: ...
 
 
@@ -212,8 +304,42 @@ class AdminSpool(Protocol):
     async def close(self) -> None: ...
 
 
-class Spool(SchedulerSpool, AdminSpool, Protocol):
-    """A store that serves both, as SqliteSpool and PostgresSpool do."""
+class ConsoleSpool(Protocol):
+    """What the console and `privacy-relay held` need: the history, the held messages, the totals for /metrics."""
+
+    async def history(self, limit: int, decision: str | None = None, text: str = "") -> list[MessageHistory]:
+        """The newest messages first; text, if given, must be in the subject, the sender or a recipient."""
+
+    async def history_of(self, message_id: str) -> MessageHistory | None: ...
+
+    async def forget_history(self, before: float) -> int:
+        """Drop what the history keeps of messages received before then and no longer waiting; how many."""
+
+    async def metrics(self) -> SpoolMetrics: ...
+
+    async def held_messages(self) -> list[HeldMessage]:
+        """Messages still held, oldest first."""
+
+    async def held_message(self, message_id: str) -> HeldMessage | None:
+        """A held message in any state (once released, discarded or returned, its data is gone)."""
+
+    async def settle_held(
+        self, message_id: str, state: HeldState, replacement: NewMessage | None, record: MessageRecord | None
+    ) -> bool:
+        """Release (replacement: its copies), discard or return a held message, once: False if it was settled already.
+
+        record, if given, is what the history shows from then on; a released message's copies take the place
+        of its held entry there, while a report to the sender (returned) is not in the history.
+        """
+
+    async def check_writable(self) -> None:
+        """Raise SpoolWriteError when a write cannot be committed (for /healthz)."""
+
+    async def close(self) -> None: ...
+
+
+class Spool(SchedulerSpool, AdminSpool, ConsoleSpool, Protocol):
+    """A store that serves all three, as SqliteSpool and PostgresSpool do."""
 
     @property
     def label(self) -> str:

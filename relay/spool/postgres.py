@@ -11,6 +11,8 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
   how durably). A message and its copies are one statement, a copy's result is one statement (and a
   second to forget the message after its last copy): round trips are what a shared spool costs.
 - upstream.rate_limit is one count in the database for every relay (take_sends).
+- The console's history, held messages and totals (relay/spool/postgres_history.py) are written in the
+  transactions that store a message and record each attempt: every relay's console shows all relays' mail.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -38,14 +41,25 @@ from relay.spool.interface import (
     SpooledCopy,
 )
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
+from relay.spool.postgres_history import (
+    PostgresConsoleQueries,
+    count_attempt,
+    insert_history,
+    mark_claimed,
+    mark_discarded,
+)
+
+_T = TypeVar("_T")
 
 SENDS_LOCK = 0x70726977  # pg_advisory_xact_lock key: relays taking sends within upstream.rate_limit take turns
 # record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
-_FORGET_COPY = "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+_FORGET_COPY = (
+    "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
+)
 _KEEP_FOR_RETRY = (
     "UPDATE copies SET state = $11, recipients = $12, next_attempt = $13, last_code = $14, last_enhanced = $15,"
     " last_text = $16, attempts = attempts + $17, lease_owner = NULL"
-    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers"
+    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
 )
 # The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
 # counted down when the copy is done ($4 sent_at, $5 recipients delivered, $6 to $9 the failed recipients and
@@ -58,14 +72,14 @@ _RECORD_REST = (
     " unnest($6::text[], $7::integer[], $8::text[], $9::text[]) AS f(recipient, code, enhanced, text)),"
     " message AS (UPDATE messages m SET copies_left = copies_left - $10::integer,"
     " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
-    " RETURNING m.id, m.copies_left, m.failed)"
-    " SELECT id, copies_left, failed FROM message"
+    " RETURNING m.id, m.copies_left, m.failed, m.received_at, m.upstream)"
+    " SELECT message.id, copies_left, failed, received_at, upstream, copy.position FROM message, copy"
 )
 _RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
 _RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
 
 
-class PostgresSpool:
+class PostgresSpool(PostgresConsoleQueries):
     """The Spool on PostgreSQL; open() connects, creates or migrates the schema, and starts listening."""
 
     def __init__(self, url: str, password: str | None = None) -> None:
@@ -91,6 +105,12 @@ class PostgresSpool:
         """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
         self._db.wake_on_new_mail(wake)
 
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
+        return await self._db.run(work, durable)
+
+    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        return await self._db.read(work)
+
     async def store(
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
     ) -> tuple[int, ...]:
@@ -101,14 +121,14 @@ class PostgresSpool:
                 await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
             return ids
 
-        ids = await self._db.statements(insert)
+        ids = await self._db.run(insert)
         # Committed means durable here: the callback and the return come together.
         if committed is not None:
             committed(ids)
         return ids
 
     async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
-        """The message and its copies in one statement; their ids in order."""
+        """The message and its copies in one statement (and its history); their ids in order."""
         copies = message.copies
         first_claimed = [position < message.claimed for position in range(len(copies))]
         rows = await connection.fetch(
@@ -140,6 +160,10 @@ class PostgresSpool:
             [int(claimed) for claimed in first_claimed],
         )
         ids = tuple(row["id"] for row in sorted(rows, key=lambda row: row["position"]))
+        if message.record is not None:
+            await insert_history(
+                connection, message.id, message.received_at, message.record, message.copies, message.claimed
+            )
         self._fences.update((copy_id, 1) for copy_id in ids[: message.claimed])
         return ids
 
@@ -151,7 +175,7 @@ class PostgresSpool:
     async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
         async def claim(connection: Connection) -> list[asyncpg.Record]:
             # SKIP LOCKED: relays claiming at the same moment take different copies instead of waiting.
-            return await connection.fetch(
+            claimed = await connection.fetch(
                 "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
                 " FOR UPDATE SKIP LOCKED)"
                 " UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
@@ -164,8 +188,10 @@ class PostgresSpool:
                 now + lease,
                 self.owner,
             )
+            await mark_claimed(connection, [(row["message_id"], row["position"]) for row in claimed])
+            return claimed
 
-        rows = await self._db.statements(claim, durable=False)
+        rows = await self._db.run(claim, durable=False)
         # Kept once committed: a claim that failed holds nothing.
         self._fences.update((row["id"], row["fence"]) for row in rows)
         return [
@@ -261,6 +287,7 @@ class PostgresSpool:
                 # its result, not this late one, stands.
                 self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
                 return Progress.SENDING
+            await count_attempt(connection, result, row["id"], row["position"], row["received_at"], row["upstream"])
             if result.retry or row["copies_left"] > 0:
                 return Progress.SENDING
             if row["failed"]:
@@ -270,7 +297,7 @@ class PostgresSpool:
             await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
             return Progress.DELIVERED
 
-        return await self._db.statements(update, durable=False)
+        return await self._db.run(update, durable=False)
 
     async def take_sends(
         self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
@@ -294,30 +321,7 @@ class PostgresSpool:
         return await self._db.read(earliest)
 
     async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
-        async def find(connection: Connection) -> list[SettledMessage]:
-            rows = await connection.fetch(
-                "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
-                " WHERE copies_left = 0"
-                " AND ($1::text IS NULL OR m.id = $1)",
-                message_id,
-            )
-            settled = []
-            for row in rows:
-                failures = await _failures(connection, row["id"])
-                settled.append(
-                    SettledMessage(
-                        row["id"],
-                        row["mail_from"],
-                        row["upstream"],
-                        row["is_bounce"],
-                        row["received_at"],
-                        failures,
-                        bytes(row["body"]),
-                    )
-                )
-            return settled
-
-        return await self._db.run(find, durable=False)
+        return await self._db.run(lambda connection: _settled(connection, message_id), durable=False)
 
     async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
         async def swap(connection: Connection) -> None:
@@ -359,6 +363,7 @@ class PostgresSpool:
 
     async def delete(self, message_id: str) -> bool:
         async def remove(connection: Connection) -> bool:
+            await mark_discarded(connection, message_id)
             return await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id) is not None
 
         return await self._db.run(remove)
@@ -389,6 +394,26 @@ async def _take_sends(
     )
     rest = copies[granted:]
     return granted, limiter.wait(now, len(rest[0].recipients)) if rest else 0.0
+
+
+async def _settled(connection: Connection, message_id: str | None) -> list[SettledMessage]:
+    rows = await connection.fetch(
+        "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
+        " WHERE copies_left = 0 AND ($1::text IS NULL OR m.id = $1)",
+        message_id,
+    )
+    return [
+        SettledMessage(
+            row["id"],
+            row["mail_from"],
+            row["upstream"],
+            row["is_bounce"],
+            row["received_at"],
+            await _failures(connection, row["id"]),
+            bytes(row["body"]),
+        )
+        for row in rows
+    ]
 
 
 async def _failures(connection: Connection, message_id: str) -> tuple[Failure, ...]:

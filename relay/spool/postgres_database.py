@@ -69,6 +69,49 @@ MIGRATIONS = (
     );
     CREATE INDEX sends_time ON sends (sent_at);
     """,
+    # 2, as the SQLite spool's: what the console shows (the messages from before are not in the history).
+    """
+    CREATE TABLE history (
+        id text PRIMARY KEY,         -- the queue id
+        entered bigint GENERATED ALWAYS AS IDENTITY,  -- the order of entry, for messages received the same second
+        received_at double precision NOT NULL,
+        sender text NOT NULL,
+        subject text NOT NULL,
+        recipients text[] NOT NULL,  -- the envelope's
+        decision text NOT NULL,      -- a policy action, or refused
+        reason text NOT NULL
+    );
+    CREATE INDEX history_time ON history (received_at);
+    CREATE TABLE history_copies (
+        message_id text NOT NULL REFERENCES history (id) ON DELETE CASCADE,
+        position integer NOT NULL,
+        recipients text[] NOT NULL,
+        state text NOT NULL,         -- queued | sending | delivered | deferred | bounced | held | discarded
+        attempts integer NOT NULL DEFAULT 0,
+        last_code integer,           -- the upstream's 250 once delivered, else the reply that deferred or refused it
+        last_enhanced text,
+        last_text text,
+        next_attempt double precision,
+        PRIMARY KEY (message_id, position)
+    );
+    CREATE TABLE held (
+        id text PRIMARY KEY,
+        mail_from text NOT NULL,
+        recipients text[] NOT NULL,
+        smtputf8 boolean NOT NULL,
+        received_at double precision NOT NULL,
+        trace jsonb NOT NULL,        -- what the relay's Received line says, for the copies made at release
+        state text NOT NULL,         -- held | released | discarded | returned
+        data bytea NOT NULL          -- the message as received; emptied once it is settled
+    );
+    -- Totals for /metrics of every relay sharing the database, kept across restarts; label is '' when there is none.
+    CREATE TABLE counters (
+        name text NOT NULL,
+        label text NOT NULL,
+        value double precision NOT NULL,
+        PRIMARY KEY (name, label)
+    );
+""",
 )
 SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
 NEW_MAIL_CHANNEL = "privacy_relay_due"

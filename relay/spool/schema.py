@@ -2,6 +2,7 @@
 is migrated step by step, in one transaction, when a relay or the queue command opens it.
 
 Version 0 is the schema from before versions: replies stored as text ("550 5.1.1 No such user").
+Version 2 adds what the console shows: the history of each message, held messages and the totals for /metrics.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 from relay.core.replies import Reply
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _FAILURES = """
 CREATE TABLE failures (
@@ -66,6 +67,57 @@ CREATE TABLE sends (
 )
 
 
+_CONSOLE_TABLES = (
+    """
+CREATE TABLE history (
+    id TEXT PRIMARY KEY,         -- the queue id
+    received_at REAL NOT NULL,
+    sender TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    recipients TEXT NOT NULL,    -- the envelope's, one per line
+    decision TEXT NOT NULL,      -- a policy action, or refused
+    reason TEXT NOT NULL
+)
+""",
+    "CREATE INDEX history_time ON history (received_at)",
+    """
+CREATE TABLE history_copies (
+    message_id TEXT NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    recipients TEXT NOT NULL,
+    state TEXT NOT NULL,         -- queued | sending | delivered | deferred | bounced | held | discarded
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_code INTEGER,           -- the upstream's 250 once delivered, else the reply that deferred or refused it
+    last_enhanced TEXT,
+    last_text TEXT,
+    next_attempt REAL,
+    PRIMARY KEY (message_id, position)
+)
+""",
+    """
+CREATE TABLE held (
+    id TEXT PRIMARY KEY,
+    mail_from TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    trace TEXT NOT NULL,         -- JSON: what the relay's Received line says, for the copies made at release
+    state TEXT NOT NULL,         -- held | released | discarded | returned
+    data BLOB NOT NULL           -- the message as received; emptied once it is settled
+)
+""",
+    # Totals for /metrics, shared by every worker and kept across restarts; label is '' when there is none.
+    """
+CREATE TABLE counters (
+    name TEXT NOT NULL,
+    label TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (name, label)
+)
+""",
+)
+
+
 class SchemaTooNew(sqlite3.DatabaseError):
     """The spool was made by a newer privacy-relay: this one would misread it."""
 
@@ -101,8 +153,14 @@ def _replies_in_columns(db: sqlite3.Connection) -> None:
     )
 
 
+def _console_tables(db: sqlite3.Connection) -> None:
+    """2: the console's history, held messages and totals (empty: the messages before are not in the history)."""
+    for statement in _CONSOLE_TABLES:
+        db.execute(statement)
+
+
 # The migration that reaches each version from the one before it.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _replies_in_columns}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _replies_in_columns, 2: _console_tables}
 
 
 def prepare_schema(db: sqlite3.Connection) -> None:
@@ -115,7 +173,7 @@ def prepare_schema(db: sqlite3.Connection) -> None:
                 f"the spool's schema is version {version}, newer than this privacy-relay's {SCHEMA_VERSION}"
             )
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_CONSOLE_TABLES):
                 db.execute(statement)
         else:
             for reached in range(version + 1, SCHEMA_VERSION + 1):

@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
 from relay.core.policy import CopyKind
 from relay.core.replies import Reply
+from relay.spool.history import ConsoleQueries, count_attempt, mark_claimed, mark_discarded
 from relay.spool.interface import (
     CopyResult,
     CopyState,
@@ -34,14 +35,13 @@ from relay.spool.interface import (
     SpooledCopy,
     closed_spool_error,
 )
+from relay.spool.rows import insert_message, lines, split_lines
 from relay.spool.schema import prepare_schema
 from relay.spool.wal import WalSyncer, write_error
 
 DATABASE_NAME = "spool.db"
 # How long a write waits for another process (a worker, the queue command) to release the database.
 BUSY_TIMEOUT = 10.0
-# Bodies larger than this are written into the database in slices of this size.
-BLOB_SLICE = 1024 * 1024
 
 _DAY = 86_400.0
 
@@ -49,15 +49,7 @@ _DAY = 86_400.0
 _T = TypeVar("_T")
 
 
-def _lines(recipients: Sequence[str]) -> str:
-    return "\n".join(recipients)
-
-
-def _split_lines(text: str) -> tuple[str, ...]:
-    return tuple(text.split("\n")) if text else ()
-
-
-class SqliteSpool:
+class SqliteSpool(ConsoleQueries):
     """The Spool in one SQLite file; safe to open from the CLI and from several workers at once.
 
     Statements run on the event loop's thread: each takes microseconds (the pages are in the OS cache),
@@ -181,7 +173,7 @@ class SqliteSpool:
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
     ) -> tuple[int, ...]:
         def insert(db: sqlite3.Connection) -> tuple[int, ...]:
-            return _insert(db, message)
+            return insert_message(db, message)
 
         return await self._write(insert, committed=committed)
 
@@ -208,13 +200,14 @@ class SqliteSpool:
                 "UPDATE copies SET state = ?, next_attempt = ? WHERE id = ?",
                 [(CopyState.SENDING, now + lease, row[0]) for row in rows],
             )
+            mark_claimed(db, [(row[1], row[2]) for row in rows])
             return [
                 SpooledCopy(
                     id=row[0],
                     message_id=row[1],
                     position=row[2],
                     kind=CopyKind(row[3]),
-                    recipients=_split_lines(row[4]),
+                    recipients=split_lines(row[4]),
                     headers=bytes(row[5]),
                     mail_from=row[7],
                     smtputf8=bool(row[8]),
@@ -288,7 +281,7 @@ class SqliteSpool:
         def swap(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
             if replacement is not None:
-                _insert(db, replacement)
+                insert_message(db, replacement)
 
         await self._write(swap)
 
@@ -321,6 +314,7 @@ class SqliteSpool:
 
     async def delete(self, message_id: str) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
+            mark_discarded(db, message_id)
             return db.execute("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
 
         return await self._write(remove)
@@ -337,56 +331,6 @@ class SqliteSpool:
             self._wal = None
 
 
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-# The same, with a body of zeros of the given length to write into afterwards.
-_INSERT_MESSAGE_EMPTY_BODY = _INSERT_MESSAGE.replace("?)", "zeroblob(?))")
-
-
-def _insert(db: sqlite3.Connection, message: NewMessage) -> tuple[int, ...]:
-    # A big body is written in slices into a blob of its size: bound as a parameter, SQLite would copy it
-    # twice in memory (the bound value and the record), 40 MB more for a 20 MB message.
-    in_slices = len(message.body) > BLOB_SLICE
-    cursor = db.execute(
-        _INSERT_MESSAGE_EMPTY_BODY if in_slices else _INSERT_MESSAGE,
-        (
-            message.id,
-            message.mail_from,
-            int(message.smtputf8),
-            message.upstream,
-            int(message.is_bounce),
-            message.received_at,
-            len(message.body) if in_slices else message.body,
-        ),
-    )
-    if in_slices:
-        assert cursor.lastrowid is not None
-        body = memoryview(message.body)
-        with db.blobopen("messages", "body", cursor.lastrowid) as blob:
-            for start in range(0, len(body), BLOB_SLICE):
-                blob.write(body[start : start + BLOB_SLICE])
-    db.executemany(
-        "INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                message.id,
-                position,
-                copy.kind,
-                _lines(copy.recipients),
-                copy.headers,
-                CopyState.SENDING if position < message.claimed else CopyState.QUEUED,
-                message.claimed_until if position < message.claimed else message.received_at,
-            )
-            for position, copy in enumerate(message.copies)
-        ],
-    )
-    rows = db.execute("SELECT id FROM copies WHERE message_id = ? ORDER BY position", (message.id,))
-    return tuple(row[0] for row in rows)
-
-
 def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSummary]:
     query = "SELECT id, mail_from, upstream, is_bounce, received_at, length(body) FROM messages"
     parameters: tuple[str, ...] = ()
@@ -400,7 +344,7 @@ def _summaries(db: sqlite3.Connection, message_id: str | None) -> list[MessageSu
                 c[0],
                 c[1],
                 CopyKind(c[2]),
-                _split_lines(c[3]),
+                split_lines(c[3]),
                 CopyState(c[4]),
                 c[5],
                 c[6],
@@ -429,10 +373,15 @@ def _failures(db: sqlite3.Connection, message_id: str) -> tuple[Failure, ...]:
 
 
 def _record(db: sqlite3.Connection, result: CopyResult) -> Progress:
-    row = db.execute("SELECT message_id, headers FROM copies WHERE id = ?", (result.copy_id,)).fetchone()
+    row = db.execute(
+        "SELECT c.message_id, c.headers, c.position, m.received_at, m.upstream"
+        " FROM copies c JOIN messages m ON m.id = c.message_id WHERE c.id = ?",
+        (result.copy_id,),
+    ).fetchone()
     if row is None:
         return Progress.SENDING  # deleted with `queue delete` while it was being sent
-    message_id, headers = row
+    message_id, headers, position, received_at, upstream = row
+    count_attempt(db, result, message_id, position, received_at, upstream)
     if result.delivered:
         db.execute("INSERT INTO sends (sent_at, recipients) VALUES (?, ?)", (result.sent_at, len(result.delivered)))
         db.execute("DELETE FROM sends WHERE sent_at < ?", (result.sent_at - _DAY,))
@@ -450,7 +399,7 @@ def _record(db: sqlite3.Connection, result: CopyResult) -> Progress:
             " last_code = ?, last_enhanced = ?, last_text = ?, attempts = attempts + ? WHERE id = ?",
             (
                 CopyState.QUEUED,
-                _lines(result.retry),
+                lines(result.retry),
                 result.next_attempt,
                 *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
                 int(result.counts_as_attempt),

@@ -14,10 +14,12 @@ from relay.upstream.oauth import OAuth2Error
 class UpstreamFailure(RelayError):
     """Talking to the upstream failed; the reply says what that means for the mail."""
 
-    def __init__(self, reply: Reply, login_refused: bool = False) -> None:
+    def __init__(self, reply: Reply, login_refused: bool = False, answered: bool = False) -> None:
         super().__init__(reply.code, reply.enhanced, reply.text)
         # The upstream refused the relay's own login: the relay's problem, not the mail's.
         self.login_refused = login_refused
+        # The upstream answered (it refused the mail): it is up, unlike after a failed connection, TLS or login.
+        self.answered = answered
 
 
 class UpstreamLoginRefused(RelayError):
@@ -46,7 +48,7 @@ def upstream_failure(exc: BaseException, where: str) -> UpstreamFailure:
         # Temporary: mail waits (the client retries) while someone signs in again.
         return UpstreamFailure(Reply(454, "4.7.0", f"OAuth2 login to {where} failed: {exc}"))
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 400:
-        return UpstreamFailure(Reply.parse(exc.code, f"{where}: {exc.message}"))
+        return UpstreamFailure(Reply.parse(exc.code, f"{where}: {exc.message}"), answered=True)
     if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in str(exc).upper():
         return UpstreamFailure(Reply(451, "4.7.5", f"TLS with {where} failed: {exc}; try again later"))
     if isinstance(exc, aiosmtplib.SMTPException | OSError | asyncio.TimeoutError):

@@ -25,6 +25,9 @@ class SendOutcome:
 
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
+    accepted_reply: Reply | None = None  # what the upstream said when it took the copy
+    # False when the attempt got no answer from the upstream (connection, TLS or login failed): /metrics' upstream_up.
+    reached_upstream: bool = True
 
 
 def build_tls_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -188,6 +191,7 @@ class UpstreamPool:
         return SendOutcome(
             accepted=result.accepted,
             refused=result.refused,
+            accepted_reply=result.accepted_reply,
         )
 
     def _ready_idle_connection(self) -> UpstreamConnection | None:

@@ -98,6 +98,8 @@ class WireBodies:
 class TransactionResult:
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
+    # The upstream's reply to the end of DATA when it took the message (its queue id, for a person).
+    accepted_reply: Reply | None = None
 
 
 def _encode_address(address: str, smtputf8: bool) -> bytes:
@@ -339,6 +341,8 @@ class UpstreamConnection(asyncio.Protocol):
         if not _positive(final):
             result.refused.update(dict.fromkeys(result.accepted, final))
             result.accepted = []
+        else:
+            result.accepted_reply = final
         return result
 
     async def quit(self) -> None:

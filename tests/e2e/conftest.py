@@ -1,5 +1,5 @@
-"""End-to-end fixtures: `privacy-relay serve` as a real subprocess, and a private Postfix with
-privacy-relay as its content filter.
+"""End-to-end fixtures: `privacy-relay serve` as a real subprocess, a private Postfix with
+privacy-relay as its content filter, and Debian's headless Chromium for the console.
 
 The relay listens on port 0 and its JSON start-up log line says which port it got, so no test ever
 races another process for a "free" port. The swaks fixtures are in tests/conftest.py. Set
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,7 @@ def serve_relay(tmp_path: Path, loops: LoopThread) -> Iterator[Callable[..., Ser
         environ.update(
             {
                 "RELAY_LISTEN_PORT": "0",
+                "RELAY_CONSOLE_PORT": "0",
                 "RELAY_LOGGING_FORMAT": "json",
                 "RELAY_DELIVERY_MODE": "direct",
                 **settings,
@@ -184,3 +186,40 @@ def postfix_filter(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[...,
         postfix.stop()
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Debian's headless Chromium through its chromedriver (Selenium is never allowed to fetch a browser)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("PRIVACY_RELAY_TESTS_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium or chromium-driver is not installed, and PRIVACY_RELAY_TESTS_REQUIRE_CHROMIUM=1")
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1100,900",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(PROCESS_DEADLINE)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -47,6 +47,7 @@ def running_two_workers(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update(
         RELAY_LISTEN_PORT="0",
+        RELAY_CONSOLE_PORT="0",
         RELAY_LISTEN_WORKERS="2",
         RELAY_OUTBOX=str(tmp_path / "outbox"),
         RELAY_LOGGING_FORMAT="json",

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import LOOPBACK, UpstreamFactory
 from tests.support.spool import RelayProcess, send_split_messages, wait_until
 
@@ -21,17 +19,6 @@ def queue(relay: RelayProcess, *arguments: str) -> subprocess.CompletedProcess[s
         timeout=30,
         check=False,
     )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def spool_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Nothing for the SQLite spool in tmp_path; spool.url and its password file for PostgreSQL."""
-    if request.param == "sqlite":
-        return {}
-    return {
-        "RELAY_SPOOL_URL": request.getfixturevalue("postgres_database"),
-        "RELAY_SPOOL_PASSWORD_FILE": str(request.getfixturevalue("spool_password_file")),
-    }
 
 
 def test_queue_commands_while_the_relay_runs(

@@ -52,6 +52,7 @@ class RelayProcess:
         environ.update(
             {
                 "RELAY_LISTEN_PORT": "0",
+                "RELAY_CONSOLE_PORT": "0",
                 "RELAY_OUTBOX": str(tmp_path / "outbox"),
                 "RELAY_SPOOL_PATH": str(tmp_path / "spool"),
                 "RELAY_LOGGING_FORMAT": "json",

@@ -200,20 +200,21 @@ def test_image_runs_as_a_non_root_user_before_its_command() -> None:
     assert ("EXPOSE", "1025") in instructions
 
 
-def test_image_health_check_passes_only_when_the_relay_greets_it(start_relay) -> None:
+def test_image_health_check_passes_only_while_the_relay_accepts_mail(start_console, loops) -> None:
     checks = [arguments for name, arguments in dockerfile_instructions() if name == "HEALTHCHECK"]
     assert len(checks) == 1
     command = json.loads(checks[0].split(" CMD ", 1)[1])
     assert command[0] == "python"
     argv = [sys.executable, *command[1:]]
 
-    def run_check(relay_port: int) -> int:
-        env = {"RELAY_LISTEN_PORT": str(relay_port), "PATH": ""}
+    def run_check(console_port: int) -> int:
+        env = {"RELAY_CONSOLE_PORT": str(console_port), "PATH": ""}
         return subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False).returncode
 
-    # The check connects from 127.0.0.1: allowed, it sees 220; outside allowed_networks, it sees 554.
-    assert run_check(start_relay(RELAY_LISTEN_ALLOWED_NETWORKS="127.0.0.1/32").port) == 0
-    assert run_check(start_relay(RELAY_LISTEN_ALLOWED_NETWORKS="172.30.0.0/24").port) != 0
+    running = start_console(RELAY_LISTEN_ALLOWED_NETWORKS="172.30.0.0/24")  # the check is not an SMTP client
+    assert run_check(running.client.port) == 0
+    loops.run(running.relay.stop())  # /healthz answers 503
+    assert run_check(running.client.port) != 0
 
 
 def test_image_refuses_to_start_without_allowed_networks() -> None:

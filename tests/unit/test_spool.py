@@ -8,7 +8,6 @@ import dataclasses
 import os
 import sqlite3
 import time
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,7 +18,8 @@ from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
 from relay.spool.interface import CopyResult, CopyState, NewMessage, Progress, Spool, SpoolWriteError
 from relay.spool.postgres import PostgresSpool
-from relay.spool.sqlite import BLOB_SLICE, SqliteSpool
+from relay.spool.rows import BLOB_SLICE
+from relay.spool.sqlite import SqliteSpool
 
 QUEUED, SENDING = CopyState.QUEUED, CopyState.SENDING
 
@@ -37,26 +37,6 @@ def message(
         copies=tuple(OutgoingCopy((r,), CopyKind.SINGLE, f"To: {r}\r\n\r\n".encode(), BODY) for r in recipients),
         received_at=received_at,
     )
-
-
-@pytest.fixture
-async def sqlite_spool(tmp_path: Path):
-    opened = SqliteSpool(tmp_path / "spool")
-    await opened.open()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def spool(request: pytest.FixtureRequest, tmp_path: Path):
-    opened: Spool = (
-        SqliteSpool(tmp_path / "spool")
-        if request.param == "sqlite"
-        else PostgresSpool(request.getfixturevalue("postgres_database"), PASSWORD)
-    )
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def rows(spool: Spool, query: str) -> list[tuple]:
