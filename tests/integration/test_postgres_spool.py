@@ -90,12 +90,35 @@ async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgres_datab
     await spool.close()
     connection = await asyncpg.connect(postgres_database, password=PASSWORD)
     try:
-        assert await connection.fetch("SELECT version FROM privacy_relay_schema") == [(len(MIGRATIONS),)]
+        versions = await connection.fetch("SELECT version FROM privacy_relay_schema ORDER BY version")
+        assert [row["version"] for row in versions] == list(range(1, len(MIGRATIONS) + 1)), "each applied once"
         await connection.execute("INSERT INTO privacy_relay_schema VALUES ($1)", len(MIGRATIONS) + 1)
     finally:
         await connection.close()
     with pytest.raises(SpoolWriteError, match="newer than this relay's"):
         await PostgresSpool(postgres_database, PASSWORD).open()
+
+
+async def test_a_spool_of_version_1_gets_the_console_s_tables_and_keeps_its_mail(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    await spool.store(message("M1", ["a@x.test"]))
+    await spool.close()
+    connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+    try:  # as a relay from before the console left it
+        await connection.execute("DROP TABLE history_copies, history, held, counters")
+        await connection.execute("DELETE FROM privacy_relay_schema WHERE version = 2")
+    finally:
+        await connection.close()
+    await spool.open()
+    try:
+        assert [m.id for m in await spool.summaries()] == ["M1"]
+        assert await spool.history(10) == [], "mail from before the console is not in its history"
+        (copy,) = await spool.claim_due(1000.0, 10, lease=60)
+        await spool.record(CopyResult(copy.id, delivered=copy.recipients, sent_at=1001.0))
+        assert (await spool.metrics()).counters[("copies_total", "delivered")] == 1
+    finally:
+        await spool.close()
 
 
 async def test_while_the_database_is_down_new_mail_gets_451_and_then_goes_in_again(
