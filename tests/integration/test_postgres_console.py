@@ -120,3 +120,24 @@ def test_consoles_of_two_relays_on_one_database_show_the_same_mail_and_one_relea
         assert metric(text, 'privacy_relay_copies_total{result="delivered"}') == 3
         assert metric(text, 'privacy_relay_messages_total{decision="hold"}') == 1
         assert metric(text, "privacy_relay_held_messages") == 0
+
+
+def test_while_the_database_is_down_the_console_says_so_and_then_works_again(
+    start_console, upstream: Upstream, make_postgres_cluster, spool_password_file: Path
+) -> None:
+    cluster = make_postgres_cluster()
+    running: RunningConsole = start_console(
+        upstream, RELAY_SPOOL_URL=cluster.url, RELAY_SPOOL_PASSWORD_FILE=str(spool_password_file)
+    )
+    assert running.client.get("/api/messages").status == 200
+    cluster.stop()
+    try:
+        for path in ("/api/messages", "/api/held", "/healthz"):
+            answer = running.client.get(path)
+            assert answer.status == 503, (path, answer.body)
+            assert "cannot reach its spool database" in answer.body.decode(), path
+    finally:
+        cluster.start()
+    # A connection the restart cut is replaced at the next call.
+    assert wait_until(lambda: running.client.get("/api/messages").status == 200)
+    assert running.client.get("/healthz").status == 200
