@@ -18,7 +18,7 @@ import shutil
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from bench.postgres import PASSWORD, PrivateCluster, server_binaries
 from relay.config.loading import load_config
 from relay.config.models import Config
 from relay.server import RelayServer
+from relay.spool.postgres import PostgresSpool
 from tests.support.oauth_server import TokenEndpoint
 
 LOOPBACK = "127.0.0.1"
@@ -495,6 +496,17 @@ def spool_password_file(tmp_path: Path) -> Path:
     path.write_text(PASSWORD + "\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture
+async def two_relays(postgres_database: str) -> AsyncIterator[tuple[PostgresSpool, PostgresSpool]]:
+    """Two spools on one database, as two relays would hold them."""
+    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
+    await first.open()
+    await second.open()
+    yield first, second
+    await first.close()
+    await second.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

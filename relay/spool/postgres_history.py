@@ -18,6 +18,7 @@ import asyncpg
 from relay.core.activity import MessageRecord
 from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
+from relay.spool.history import SELECT_HELD, SELECT_HISTORY
 from relay.spool.interface import (
     DELIVERY_SECONDS_BUCKETS,
     CopyHistory,
@@ -33,8 +34,6 @@ from relay.spool.interface import (
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection
 
 _T = TypeVar("_T")
-_SELECT_HISTORY = "SELECT id, received_at, sender, subject, recipients, decision, reason FROM history"
-_SELECT_HELD = "SELECT id, mail_from, recipients, smtputf8, received_at, trace, state, data FROM held"
 # Gauges: their value replaces the one before instead of adding to it.
 _GAUGES = ["upstream_up", "upstream_last_delivery", "health_checked_at"]
 _WAITING = (HistoryState.QUEUED, HistoryState.SENDING, HistoryState.DEFERRED)
@@ -248,7 +247,7 @@ class PostgresConsoleQueries:
         async def find(connection: Connection) -> list[MessageHistory]:
             # strpos on lower(): a plain substring, as SQLite's instr, with no LIKE wildcards to escape.
             rows = await connection.fetch(
-                f"{_SELECT_HISTORY} WHERE ($1::text IS NULL OR decision = $1)"
+                f"{SELECT_HISTORY} WHERE ($1::text IS NULL OR decision = $1)"
                 " AND ($2 = '' OR strpos(lower(subject), $2) > 0 OR strpos(lower(sender), $2) > 0"
                 " OR strpos(lower(array_to_string(recipients, E'\\n')), $2) > 0)"
                 " ORDER BY received_at DESC, entered DESC LIMIT $3",
@@ -262,7 +261,7 @@ class PostgresConsoleQueries:
 
     async def history_of(self: _Transactions, message_id: str) -> MessageHistory | None:
         async def find(connection: Connection) -> MessageHistory | None:
-            rows = await connection.fetch(f"{_SELECT_HISTORY} WHERE id = $1", message_id)
+            rows = await connection.fetch(f"{SELECT_HISTORY} WHERE id = $1", message_id)
             found = await _history_entries(connection, rows)
             return found[0] if found else None
 
@@ -313,14 +312,14 @@ class PostgresConsoleQueries:
 
     async def held_messages(self: _Transactions) -> list[HeldMessage]:
         async def find(connection: Connection) -> list[HeldMessage]:
-            rows = await connection.fetch(f"{_SELECT_HELD} WHERE state = $1 ORDER BY received_at, id", HeldState.HELD)
+            rows = await connection.fetch(f"{SELECT_HELD} WHERE state = $1 ORDER BY received_at, id", HeldState.HELD)
             return [_held(row) for row in rows]
 
         return await self._read(find)
 
     async def held_message(self: _Transactions, message_id: str) -> HeldMessage | None:
         async def find(connection: Connection) -> HeldMessage | None:
-            row = await connection.fetchrow(f"{_SELECT_HELD} WHERE id = $1", message_id)
+            row = await connection.fetchrow(f"{SELECT_HELD} WHERE id = $1", message_id)
             return None if row is None else _held(row)
 
         return await self._read(find)

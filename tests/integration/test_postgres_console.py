@@ -9,9 +9,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from bench.postgres import PASSWORD
 from relay.delivery.holding import Holding
 from relay.spool.interface import CopyResult, HeldState
 from relay.spool.postgres import PostgresSpool
@@ -21,17 +18,6 @@ from tests.integration.test_console_hold import HOLD, hold_one
 from tests.support.console import RunningConsole
 from tests.support.spool import wait_until
 from tests.unit.test_spool_history import RECORD, held, message
-
-
-@pytest.fixture
-async def two_relays(postgres_database: str):
-    """Two spools on one database, as two relays would hold them."""
-    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
-    await first.open()
-    await second.open()
-    yield first, second
-    await first.close()
-    await second.close()
 
 
 async def test_two_relays_deciding_at_once_settle_each_held_message_once(two_relays) -> None:

@@ -16,17 +16,6 @@ from relay.spool.postgres_database import MIGRATIONS
 from tests.unit.test_spool import message
 
 
-@pytest.fixture
-async def two_relays(postgres_database: str):
-    """Two spools on one database, as two relays would hold them."""
-    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
-    await first.open()
-    await second.open()
-    yield first, second
-    await first.close()
-    await second.close()
-
-
 async def test_a_relay_whose_lease_was_taken_over_cannot_record_over_the_new_owner(two_relays) -> None:
     first, second = two_relays
     await first.store(message("M1", ["a@x.test"]))
