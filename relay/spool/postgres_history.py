@@ -307,8 +307,7 @@ class PostgresConsoleQueries:
             held = await connection.fetchval("SELECT count(*) FROM held WHERE state = $1", HeldState.HELD)
             return SpoolMetrics(counters, queue_copies, oldest, held)
 
-        # One transaction: the totals and the queue seen at one moment.
-        return await self._run(read, durable=False)
+        return await self._read(read)
 
     async def held_messages(self: _Transactions) -> list[HeldMessage]:
         async def find(connection: Connection) -> list[HeldMessage]:
