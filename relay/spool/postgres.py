@@ -42,8 +42,9 @@ from relay.spool.interface import (
 )
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
 from relay.spool.postgres_history import (
+    RECORD_ATTEMPT,
     PostgresConsoleQueries,
-    count_attempt,
+    attempt_parameters,
     insert_history,
     mark_claimed,
     mark_discarded,
@@ -57,8 +58,8 @@ _FORGET_COPY = (
     "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
 )
 _KEEP_FOR_RETRY = (
-    "UPDATE copies SET state = $11, recipients = $12, next_attempt = $13, last_code = $14, last_enhanced = $15,"
-    " last_text = $16, attempts = attempts + $17, lease_owner = NULL"
+    "UPDATE copies SET state = $21, recipients = $22, next_attempt = $23, last_code = $24, last_enhanced = $25,"
+    " last_text = $26, attempts = attempts + $12, lease_owner = NULL"
     " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
 )
 # The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
@@ -72,11 +73,12 @@ _RECORD_REST = (
     " unnest($6::text[], $7::integer[], $8::text[], $9::text[]) AS f(recipient, code, enhanced, text)),"
     " message AS (UPDATE messages m SET copies_left = copies_left - $10::integer,"
     " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
-    " RETURNING m.id, m.copies_left, m.failed, m.received_at, m.upstream)"
-    " SELECT message.id, copies_left, failed, received_at, upstream, copy.position FROM message, copy"
+    " RETURNING m.id, m.copies_left, m.failed, m.received_at, m.upstream),"
 )
-_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST
-_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST
+# What record() reads back: where the message stands.
+_RECORD_RESULT = " SELECT id, copies_left, failed FROM message"
+_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
+_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
 
 
 class PostgresSpool(PostgresConsoleQueries):
@@ -270,13 +272,13 @@ class PostgresSpool(PostgresConsoleQueries):
                 [reply.enhanced for reply in replies],
                 [reply.text for reply in replies],
                 0 if result.retry else 1,
+                *attempt_parameters(result),
                 *(
                     (
                         CopyState.QUEUED,
                         list(result.retry),
                         result.next_attempt,
                         *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
-                        int(result.counts_as_attempt),
                     )
                     if result.retry
                     else ()
@@ -287,7 +289,6 @@ class PostgresSpool(PostgresConsoleQueries):
                 # its result, not this late one, stands.
                 self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
                 return Progress.SENDING
-            await count_attempt(connection, result, row["id"], row["position"], row["received_at"], row["upstream"])
             if result.retry or row["copies_left"] > 0:
                 return Progress.SENDING
             if row["failed"]:
@@ -297,7 +298,7 @@ class PostgresSpool(PostgresConsoleQueries):
             await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
             return Progress.DELIVERED
 
-        return await self._db.run(update, durable=False)
+        return await self._db.statements(update, durable=False)
 
     async def take_sends(
         self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None

@@ -1,9 +1,10 @@
 """The console's side of the PostgreSQL spool: the history of each message, held messages, the totals for /metrics.
 
-The same tables and semantics as the SQLite spool's (relay/spool/history.py), written in the transactions
-that store a message and record each attempt. Every relay sharing the database writes into the same rows,
-so the history, the held messages and the totals are the database's: each relay's console shows all of them.
-A held message is settled by one conditional UPDATE, so of two relays deciding at once exactly one does.
+The same tables and semantics as the SQLite spool's (relay/spool/history.py), written in the transaction
+that stores a message and in the one statement that records each attempt (RECORD_ATTEMPT). Every relay
+sharing the database writes into the same rows, so the history, the held messages and the totals are the
+database's: each relay's console shows all of them. A held message is settled by one conditional UPDATE,
+so of two relays deciding at once exactly one does.
 """
 
 from __future__ import annotations
@@ -34,8 +35,47 @@ from relay.spool.interface import (
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection
 
 _T = TypeVar("_T")
-# Gauges: their value replaces the one before instead of adding to it.
-_GAUGES = ["upstream_up", "upstream_last_delivery", "health_checked_at"]
+# The part of PostgresSpool.record()'s statement that keeps the copy's state in the history and the totals
+# for /metrics, after its CTEs `copy` (message_id, position) and `message` (received_at, upstream); the
+# parameters from $11 are attempt_parameters()'. Rows in key order, so relays counting at once lock the
+# same rows in the same order and never deadlock.
+RECORD_ATTEMPT = (
+    " shown AS (UPDATE history_copies h SET state = $11, attempts = h.attempts + $12, last_code = $13,"
+    " last_enhanced = $14, last_text = $15, next_attempt = $16 FROM copy"
+    " WHERE h.message_id = copy.message_id AND h.position = copy.position),"
+    " counted AS (INSERT INTO counters (name, label, value) SELECT c.name, c.label, c.value FROM message,"
+    " LATERAL (SELECT greatest(0, $4 - message.received_at) AS seconds,"
+    " coalesce(message.upstream, 'default') AS upstream) AS m,"
+    " LATERAL (VALUES ('copies_total', $11::text, 1.0::float8, $12 > 0),"
+    " ('upstream_up', m.upstream, $17::float8, $12 > 0),"
+    " ('upstream_last_delivery', m.upstream, $4, $18::boolean),"
+    " ('delivery_seconds_bucket', coalesce((SELECT b.label FROM unnest($19::float8[], $20::text[]) AS b(bound, label)"
+    " WHERE m.seconds <= b.bound ORDER BY b.bound LIMIT 1), '+Inf'), 1.0, $18),"
+    " ('delivery_seconds_count', '', 1.0, $18), ('delivery_seconds_sum', '', m.seconds, $18))"
+    " AS c(name, label, value, wanted) WHERE c.wanted ORDER BY c.name, c.label"
+    " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
+    " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
+    " ELSE counters.value + excluded.value END)"
+)
+
+
+def attempt_parameters(result: CopyResult) -> tuple[object, ...]:
+    """$11 to $20 of RECORD_ATTEMPT: the copy's state in the history, its reply, and what the totals add."""
+    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
+    shown = result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
+    return (
+        state,
+        int(result.counts_as_attempt),
+        *((None, None, None) if shown is None else (shown.code, shown.enhanced, shown.text)),
+        result.next_attempt if result.retry else None,
+        float(result.reached_upstream),
+        bool(result.delivered),
+        list(DELIVERY_SECONDS_BUCKETS),
+        # The labels /metrics reads back, as SQLite's spool writes them.
+        [repr(bound) for bound in DELIVERY_SECONDS_BUCKETS],
+    )
+
+
 _WAITING = (HistoryState.QUEUED, HistoryState.SENDING, HistoryState.DEFERRED)
 
 
@@ -55,14 +95,15 @@ async def add_counters(connection: Connection, values: Sequence[tuple[str, str, 
     if not values:
         return
     ordered = sorted(values)
+    # Totals add up; gauges (the upstream's state, the health check's time) replace the value before.
     await connection.execute(
         "INSERT INTO counters (name, label, value) SELECT * FROM unnest($1::text[], $2::text[], $3::float8[])"
-        " ON CONFLICT (name, label) DO UPDATE SET value = CASE WHEN excluded.name = ANY($4::text[])"
-        " THEN excluded.value ELSE counters.value + excluded.value END",
+        " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
+        " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
+        " ELSE counters.value + excluded.value END",
         [name for name, _, _ in ordered],
         [label for _, label, _ in ordered],
         [value for _, _, value in ordered],
-        _GAUGES,
     )
 
 
@@ -105,44 +146,6 @@ async def insert_history_copies(
         ["\n".join(copy.recipients) for copy in copies],
         [HistoryState.SENDING if position < claimed else HistoryState.QUEUED for position in range(len(copies))],
     )
-
-
-async def count_attempt(
-    connection: Connection,
-    result: CopyResult,
-    message_id: str,
-    position: int,
-    received_at: float,
-    upstream: str | None,
-) -> None:
-    """The copy's state in the history and the totals for /metrics, in the transaction that stores the result."""
-    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
-    shown = result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
-    await connection.execute(
-        "UPDATE history_copies SET state = $1, attempts = attempts + $2, last_code = $3, last_enhanced = $4,"
-        " last_text = $5, next_attempt = $6 WHERE message_id = $7 AND position = $8",
-        state,
-        int(result.counts_as_attempt),
-        *((None, None, None) if shown is None else (shown.code, shown.enhanced, shown.text)),
-        result.next_attempt if result.retry else None,
-        message_id,
-        position,
-    )
-    counted: list[tuple[str, str, float]] = []
-    if result.counts_as_attempt:
-        counted.append(("copies_total", state, 1.0))
-        counted.append(("upstream_up", upstream or "default", float(result.reached_upstream)))
-    if result.delivered:
-        counted.append(("upstream_last_delivery", upstream or "default", result.sent_at))
-        seconds = max(0.0, result.sent_at - received_at)
-        # One row per bucket, not cumulative: one write per copy; /metrics adds them up.
-        bound = next((repr(b) for b in DELIVERY_SECONDS_BUCKETS if seconds <= b), "+Inf")
-        counted += [
-            ("delivery_seconds_bucket", bound, 1.0),
-            ("delivery_seconds_count", "", 1.0),
-            ("delivery_seconds_sum", "", seconds),
-        ]
-    await add_counters(connection, counted)
 
 
 async def mark_claimed(connection: Connection, claimed: list[tuple[str, int]]) -> None:
