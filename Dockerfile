@@ -10,8 +10,11 @@ FROM ${BASE_IMAGE} AS build
 RUN python -m venv /opt/venv
 WORKDIR /src
 # The dependencies first, in their own layer: a change to the relay's code rebuilds only the last step.
+# With the PostgreSQL driver (the postgres extra), so the same image can be one of several relays
+# sharing a spool (spool.url).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['postgres'], sep='\n')" \
         >requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
 COPY README.md ./

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.postfix import RECIPIENT_LIMIT, PostfixRelay, postfix_available
-from bench.relay import RelayProcess, spool_mode, supports_workers
-from bench.report import POSTFIX, RELAY_DIRECT, Table, median_figures
+from bench.relay import RelayProcess, SharedSpoolRelays, shared_spool_available, spool_mode, supports_workers
+from bench.report import POSTFIX, RELAY_DIRECT, SHARED_SPOOL, Table, median_figures
 from bench.run import Figures, Target, TargetKind, measure, smtp_source_available
 from bench.sink import Sink, smtp_sink_available
 from bench.workloads import FULL, MIB, SMOKE, Workload
@@ -29,12 +29,8 @@ class SinkItself:
     """The sink as the target: smtp-source straight into smtp-sink, the ceiling of the machine."""
 
     def __init__(self, sink: Sink) -> None:
-        self.port = sink.port
-        self._session_id = sink.session_id
-
-    @property
-    def session_id(self) -> int:
-        return self._session_id
+        self.ports = (sink.port,)
+        self.session_ids = (sink.session_id,)
 
     def stop(self) -> None:
         return None
@@ -52,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: smtp-source/smtp-sink when installed; python: the asyncio client and aiosmtpd sink",
     )
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix comparison")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip two relays on a PostgreSQL spool (in W1 and W2)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="RELAY_LISTEN_WORKERS for the relay")
     parser.add_argument(
         "--relay-setting",
@@ -106,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     spool_name = f"relay {spool}" if spool else "relay spool"
     if spool:
         kinds.append(relay_kind(spool, spool_name))
+    with_postgres = bool(spool) and not args.no_postgres and shared_spool_available()
+    if with_postgres:
+        kinds.append(
+            TargetKind(
+                SHARED_SPOOL,
+                lambda root, sink: SharedSpoolRelays(root, sink.port, str(spool), workers, settings),
+                lambda workload: workload.copies,
+            )
+        )
     if with_postfix:
         kinds.append(
             TargetKind(
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sink: {'smtp-sink' if use_smtp_sink else 'bench.pysink'}; "
         f"relay workers: {workers or 'default'}; relay settings: {args.relay_setting or 'defaults'};\n"
         f"spool mode: {spool or 'not in this relay (n/a)'}; "
-        f"postfix: {'yes' if with_postfix else 'no'}; repeats: {args.repeat}"
+        f"postfix: {'yes' if with_postfix else 'no'}; "
+        f"two relays on PostgreSQL: {'yes' if with_postgres else 'no'}; repeats: {args.repeat}"
     )
     print(f"load average before: {_load()}", flush=True)
     results: dict[tuple[str, str], Figures] = {}
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for workload in workloads:
             for kind in kinds:
                 if kind.name == "sink" and workload.name not in ("L0", "W1"):
+                    continue
+                if kind.name == SHARED_SPOOL and workload.name not in ("W1", "W2"):
                     continue
                 runs = []
                 for attempt in range(args.repeat):

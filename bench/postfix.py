@@ -2,7 +2,8 @@
 
 Its config_directory, queue_directory and data_directory live in a temporary directory, it listens on
 127.0.0.1 only (a free port), relays everything to relayhost = [127.0.0.1]:sinkport, delivers nothing
-locally, and is stopped (and its processes killed) by the benchmark.
+locally, and is stopped (and its processes killed) by the benchmark. The Postfix filter tests start the
+same instance with privacy-relay as its content filter (extra main.cf settings and master.cf services).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from bench.procs import LOOPBACK, free_port, kill_session, session_members, wait_for_greeting
 
 POSTFIX = "/usr/sbin/postfix"
+POSTQUEUE = "/usr/sbin/postqueue"
 RECIPIENT_LIMIT = 50  # default_destination_recipient_limit, set explicitly: the sink count depends on it
 
 MASTER_SERVICES = """\
@@ -78,7 +81,15 @@ def postfix_available() -> bool:
 class PostfixRelay:
     """`postfix -c DIR start`; stop() runs `postfix stop` and kills whatever is left of the master's session."""
 
-    def __init__(self, root: Path, sink_port: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        sink_port: int,
+        main_settings: Mapping[str, str] | None = None,
+        services: str = "",
+        recipient_limit: int = RECIPIENT_LIMIT,
+    ) -> None:
+        """main_settings are added to main.cf (or replace its lines), services to master.cf."""
         self.root = root
         root.chmod(0o755)  # the postfix user must reach the queue and data directories
         self.port = free_port()
@@ -87,10 +98,12 @@ class PostfixRelay:
         (root / "queue").mkdir()
         (root / "data").mkdir()
         shutil.chown(root / "data", "postfix")
-        (self.config_directory / "main.cf").write_text(
-            MAIN_SETTINGS.format(root=root, sink_port=sink_port, recipient_limit=RECIPIENT_LIMIT)
-        )
-        (self.config_directory / "master.cf").write_text(MASTER_SERVICES.format(listen=f"{LOOPBACK}:{self.port}"))
+        main_cf = MAIN_SETTINGS.format(root=root, sink_port=sink_port, recipient_limit=recipient_limit)
+        # Postfix takes the last line that sets a parameter.
+        main_cf += "".join(f"{name} = {value}\n" for name, value in (main_settings or {}).items())
+        (self.config_directory / "main.cf").write_text(main_cf)
+        master_cf = MASTER_SERVICES.format(listen=f"{LOOPBACK}:{self.port}") + services
+        (self.config_directory / "master.cf").write_text(master_cf)
         self.master_pid: int | None = None
         self._postfix("start")
         try:
@@ -119,10 +132,34 @@ class PostfixRelay:
         raise RuntimeError(f"Postfix did not write {pid_file}; see {self.root / 'postfix.log'}")
 
     @property
+    def log(self) -> str:
+        path = self.root / "postfix.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def flush(self) -> None:
+        """`postqueue -f`: try every deferred message now, destinations marked dead included."""
+        subprocess.run([POSTQUEUE, "-c", str(self.config_directory), "-f"], capture_output=True, timeout=60, check=True)
+
+    def queue_listing(self) -> str:
+        """`postqueue -p`: what is still queued, with the reason each deferred recipient waits."""
+        done = subprocess.run(
+            [POSTQUEUE, "-c", str(self.config_directory), "-p"], capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout
+
+    @property
     def session_id(self) -> int:
         """The master daemon makes itself a session leader; its daemons stay in that session."""
         assert self.master_pid is not None
         return self.master_pid
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    @property
+    def session_ids(self) -> tuple[int, ...]:
+        return (self.session_id,)
 
     def stop(self) -> None:
         self._postfix("stop")

@@ -118,7 +118,7 @@ class Usage:
 
 @dataclass
 class SessionSampler:
-    """Samples a session's processes: CPU time used since start(), peak RSS and peak PSS.
+    """Samples the processes of one or more sessions: CPU time used since start(), peak RSS and peak PSS.
 
     VmHWM is the kernel's own high-water mark per process, so a peak between two samples is not missed;
     PSS (from smaps_rollup) shares library and forked pages among processes, so Postfix's many daemons
@@ -126,7 +126,7 @@ class SessionSampler:
     A process that exits between samples loses only its last interval.
     """
 
-    session_id: int
+    session_ids: tuple[int, ...]
     interval: float = 0.05
     _cpu_start: dict[int, int] = field(default_factory=dict)
     _cpu_last: dict[int, int] = field(default_factory=dict)
@@ -137,8 +137,11 @@ class SessionSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
+    def _members(self) -> list[int]:
+        return [pid for session_id in self.session_ids for pid in session_members(session_id)]
+
     def start(self) -> None:
-        for pid in session_members(self.session_id):
+        for pid in self._members():
             stat = _read_stat(pid)
             if stat is not None:
                 self._cpu_start[pid] = int(stat[11]) + int(stat[12])
@@ -150,7 +153,7 @@ class SessionSampler:
 
     def _sample(self) -> None:
         pss_kib = 0
-        for pid in session_members(self.session_id):
+        for pid in self._members():
             stat = _read_stat(pid)
             if stat is None:
                 continue

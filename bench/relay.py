@@ -6,12 +6,14 @@ runs the spool mode as soon as it exists and reports it as n/a before then.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import get_args
 
+from bench.postgres import PASSWORD, PrivateCluster, server_binaries
 from bench.procs import LOOPBACK, free_port, kill_session, start_session, wait_for_greeting
 from relay.config.models import Config, DeliveryConfig, ListenConfig
 
@@ -43,7 +45,8 @@ def _spool_settings(root: Path) -> dict[str, str]:
             continue
         for key, key_field in model.model_fields.items():
             names_spool = "spool" in section_name or "spool" in key
-            if names_spool and Path in (key_field.annotation, *get_args(key_field.annotation)):
+            # Folders only: an optional file (spool.password_file) stays unset unless a target sets it.
+            if names_spool and key_field.annotation is Path:
                 settings[f"RELAY_{section_name.upper()}_{key.upper()}"] = str(root / f"{section_name}-{key}")
     return settings
 
@@ -92,6 +95,66 @@ class RelayProcess:
     def session_id(self) -> int:
         return self._process.pid
 
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    @property
+    def session_ids(self) -> tuple[int, ...]:
+        return (self.session_id,)
+
     def stop(self) -> None:
         kill_session(self._process.pid)
         self._process.wait(5)
+
+
+class SharedSpoolRelays:
+    """Several relays on one private PostgreSQL spool (a fresh cluster per run), the load shared out over them.
+
+    Their CPU and memory include the database server's: it is part of what carries the mail.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        sink_port: int,
+        mode: str,
+        workers: int | None,
+        settings: dict[str, str] | None = None,
+        relays: int = 2,
+    ) -> None:
+        binaries = server_binaries()
+        if binaries is None:
+            raise RuntimeError("no PostgreSQL server in /usr/lib/postgresql")
+        root.mkdir(parents=True, exist_ok=True)
+        self._cluster = PrivateCluster(binaries)
+        self._relays: list[RelayProcess] = []
+        try:
+            password_file = root / "spool-password"
+            password_file.write_text(PASSWORD + "\n")
+            password_file.chmod(0o600)
+            shared = {"RELAY_SPOOL_URL": self._cluster.url, "RELAY_SPOOL_PASSWORD_FILE": str(password_file)}
+            for number in range(relays):
+                self._relays.append(
+                    RelayProcess(root / f"relay-{number}", sink_port, mode, workers, {**(settings or {}), **shared})
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(relay.port for relay in self._relays)
+
+    @property
+    def session_ids(self) -> tuple[int, ...]:
+        return (*(relay.session_id for relay in self._relays), self._cluster.session_id)
+
+    def stop(self) -> None:
+        for relay in self._relays:
+            relay.stop()
+        self._cluster.destroy()
+
+
+def shared_spool_available() -> bool:
+    return server_binaries() is not None and importlib.util.find_spec("asyncpg") is not None

@@ -11,6 +11,7 @@ from bench.run import Figures
 
 POSTFIX = "postfix"
 RELAY_DIRECT = "relay direct"
+SHARED_SPOOL = "2 relays hybrid, PostgreSQL"
 NUMERIC = [f.name for f in fields(Figures) if f.name not in ("target", "workload", "error")]
 
 
@@ -120,6 +121,15 @@ class Table:
                     w3.peak_rss_mib < limit,
                     f"peak RSS (VmHWM) {w3.peak_rss_mib:.1f} MiB against {limit:.1f} MiB",
                 )
+        for workload in ("W1", "W2"):
+            label = f"{workload} {SHARED_SPOOL} ≥ 1.0x {spool_target or 'relay spool'} (SQLite) copies/s"
+            pair = self.get(SHARED_SPOOL, workload)
+            single = self.get(spool_target, workload) if spool_target else None
+            ours, theirs = (pair.delivered_per_s if pair else None), (single.delivered_per_s if single else None)
+            if ours is None or theirs is None:
+                check(label, None, "not measured")
+            else:
+                check(label, ours >= theirs, f"{ours:,.0f} / {theirs:,.0f} = {ours / theirs:.2f}x")
         ours_l0 = self.get(RELAY_DIRECT, "L0")
         sink_l0 = self.get("sink", "L0")
         if ours_l0 and sink_l0 and ours_l0.p50_ms is not None and sink_l0.p50_ms is not None:

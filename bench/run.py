@@ -28,10 +28,13 @@ PROBE_INTERVAL = 0.01
 
 
 class Target(Protocol):
-    port: int
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Where the load goes, shared out evenly (several relays behind no balancer)."""
 
     @property
-    def session_id(self) -> int: ...
+    def session_ids(self) -> tuple[int, ...]:
+        """The sessions whose processes are the system under test, for CPU and memory."""
 
     def stop(self) -> None: ...
 
@@ -70,11 +73,22 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def _smtp_source(workload: Workload, message_file: Path, port: int, seconds_allowed: float) -> None:
+def _share(total: int, parts: int, index: int) -> int:
+    return total // parts + (index < total % parts)
+
+
+async def _smtp_source(
+    workload: Workload, message_file: Path, port: int, seconds_allowed: float, part: tuple[int, int] = (0, 1)
+) -> None:
+    """part: (index, of): this process sends that share of the workload's messages and sessions."""
+    messages, sessions = (
+        _share(workload.messages, part[1], part[0]),
+        max(1, _share(workload.sessions, part[1], part[0])),
+    )
     process = await asyncio.create_subprocess_exec(
         shutil.which("smtp-source") or SMTP_SOURCE,
         "-d",  # each session reuses its connection, as the python client does
-        *("-s", str(workload.sessions), "-m", str(workload.messages), "-r", str(workload.recipients)),
+        *("-s", str(sessions), "-m", str(messages), "-r", str(workload.recipients)),
         *("-f", MAIL_FROM, "-t", BASE_RECIPIENT, "-F", str(message_file), "-M", "bench.test"),
         f"127.0.0.1:{port}",
         stdout=subprocess.DEVNULL,
@@ -103,25 +117,41 @@ async def _probe(port: int, stop: asyncio.Event, limit: int) -> list[float]:
 
 
 async def _drive(
-    workload: Workload, port: int, use_smtp_source: bool, message_file: Path, seconds_allowed: float, probe: bool
+    workload: Workload,
+    ports: tuple[int, ...],
+    use_smtp_source: bool,
+    message_file: Path,
+    seconds_allowed: float,
+    probe: bool,
 ) -> tuple[float, list[float]]:
-    """Run the load (and the probe beside it); the time the load finished and the probe's latencies."""
+    """Run the load, shared out over the ports (and the probe beside it, on the first); the time the load
+    finished and the probe's latencies."""
     stop = asyncio.Event()
-    probe_task = asyncio.create_task(_probe(port, stop, limit=10_000)) if probe else None
+    probe_task = asyncio.create_task(_probe(ports[0], stop, limit=10_000)) if probe else None
+    parts = len(ports)
     try:
         if use_smtp_source:
-            await _smtp_source(workload, message_file, port, seconds_allowed)
+            await asyncio.gather(
+                *(
+                    _smtp_source(workload, message_file, port, seconds_allowed, (index, parts))
+                    for index, port in enumerate(ports)
+                )
+            )
             latencies: list[float] = []
         else:
-            load = send_load(
-                port,
-                workload.sessions,
-                workload.messages,
-                MAIL_FROM,
-                recipients(workload.recipients),
-                workload.content(),
-            )
-            latencies = (await asyncio.wait_for(load, seconds_allowed)).latencies
+            loads = [
+                send_load(
+                    port,
+                    max(1, _share(workload.sessions, parts, index)),
+                    _share(workload.messages, parts, index),
+                    MAIL_FROM,
+                    recipients(workload.recipients),
+                    workload.content(),
+                )
+                for index, port in enumerate(ports)
+            ]
+            results = await asyncio.wait_for(asyncio.gather(*loads), seconds_allowed)
+            latencies = [latency for result in results for latency in result.latencies]
         finished = time.monotonic()
     finally:
         stop.set()
@@ -146,13 +176,13 @@ def measure(
     try:
         target = kind.start(root, sink)
         try:
-            sampler = SessionSampler(target.session_id)
+            sampler = SessionSampler(target.session_ids)
             sampler.start()
             started = time.monotonic()
             # The latency workload (L0) is the python client alone, one message after another.
             probing = not workload.latency_only
             finished, latencies = asyncio.run(
-                _drive(workload, target.port, use_smtp_source and probing, message_file, timeout, probing)
+                _drive(workload, target.ports, use_smtp_source and probing, message_file, timeout, probing)
             )
             probe_messages = len(latencies) if probing else 0
             expected = kind.transactions(workload) + probe_messages

@@ -28,7 +28,8 @@ from relay.smtp.accounts import AccountsFile, UsersFileError, readable_by_others
 from relay.smtp.auth import Authenticator, FailedLoginLockout
 from relay.smtp.listener import ConnectionSlots, RelayHandler
 from relay.smtp.protocol import RelaySMTP
-from relay.spool.sqlite import SqliteSpool
+from relay.spool import build_spool
+from relay.spool.interface import Spool, SpoolWriteError
 from relay.upstream.oauth import AccessTokens
 from relay.upstream.pool import ProbeStep, UpstreamPool, probe_upstream
 from relay.workers import ConnectionReceiver, supervise, with_port
@@ -141,13 +142,19 @@ class RelayServer:
         self.slots = ConnectionSlots(config.listen.max_connections, config.listen.max_connections_per_ip)
         self.destination = build_destination(config, self.hostname)
         named = build_named_destinations(config, self.hostname)
-        self.spool: SqliteSpool | None = None
+        self.spool: Spool | None = None
         self.delivery: DirectDelivery | SpooledDelivery
         if config.delivery.mode == "direct":
             self.delivery = DirectDelivery(self.destination, config.upstream.max_connections, named, config.routes)
         else:
-            self.spool = SqliteSpool(config.spool.path)
+            self.spool = build_spool(config)
             self.delivery = SpooledDelivery(self.spool, self.destination, config, self.hostname, named=named)
+            if config.spool.shared:
+                from relay.spool.postgres import PostgresSpool  # build_spool found the driver
+
+                assert isinstance(self.spool, PostgresSpool)
+                # Another relay's new mail wakes this one's scheduler at once, instead of at its next poll.
+                self.spool.wake_on_new_mail(self.delivery.wake)
         self.holding = Holding(self.spool, self.hostname, lambda: self.config) if self.spool is not None else None
         self._returning_held: asyncio.Task[None] | None = None
         self.handler = RelayHandler(
@@ -179,7 +186,7 @@ class RelayServer:
         )
 
     async def start(self) -> None:
-        """Open the spool and resume its deliveries, then listen; raises OSError or sqlite3.Error."""
+        """Open the spool and resume its deliveries, then listen; raises OSError, sqlite3.Error or SpoolWriteError."""
         if self.spool is not None:
             assert isinstance(self.delivery, SpooledDelivery)
             await self.spool.open()
@@ -300,12 +307,12 @@ async def serve(
         )
     try:
         await server.start()
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, SpoolWriteError) as exc:
         log.error(
             "relay.cannot_start",
             host=config.listen.host,
             port=config.listen.port,
-            spool=str(config.spool.path) if server.spool else None,
+            spool=server.spool.label if server.spool else None,
             error=getattr(exc, "strerror", None) or str(exc),
         )
         await server.stop()

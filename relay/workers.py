@@ -25,7 +25,8 @@ import structlog
 
 from relay.config.models import Config, ConfigError
 from relay.delivery.intake import recover_spool
-from relay.spool.sqlite import SqliteSpool
+from relay.spool import build_spool
+from relay.spool.interface import SpoolWriteError
 
 if TYPE_CHECKING:
     from relay.console import ConsoleThread, UpstreamCheck
@@ -110,7 +111,7 @@ class ConnectionReceiver:
 
 
 async def _recover_shared_spool(config: Config) -> None:
-    spool = SqliteSpool(config.spool.path)
+    spool = build_spool(config)
     await spool.open()
     try:
         await recover_spool(spool)
@@ -141,8 +142,8 @@ def supervise(
         # copies that another worker is sending at that moment.
         try:
             asyncio.run(_recover_shared_spool(config))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("relay.cannot_start", spool=str(config.spool.path), error=str(exc))
+        except (OSError, sqlite3.Error, SpoolWriteError) as exc:
+            log.error("relay.cannot_start", spool=config.spool.url or str(config.spool.path), error=str(exc))
             listener.close()
             return 1
     workers: set[int] = set()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import shutil
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +27,11 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from bench.postgres import PASSWORD, PrivateCluster, server_binaries
 from relay.config.loading import load_config
 from relay.config.models import Config
 from relay.server import RelayServer
+from relay.spool.postgres import PostgresSpool
 from tests.support.oauth_server import TokenEndpoint
 
 LOOPBACK = "127.0.0.1"
@@ -440,3 +443,78 @@ def token_endpoint() -> Iterator[TokenEndpoint]:
     endpoint = TokenEndpoint()
     yield endpoint
     endpoint.close()
+
+
+def _postgres_binaries() -> Path:
+    binaries = server_binaries()
+    if binaries is None:
+        reason = "needs Debian's PostgreSQL server (apt-get install postgresql)"
+        if os.environ.get("PRIVACY_RELAY_TESTS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason}, and PRIVACY_RELAY_TESTS_REQUIRE_POSTGRES=1")
+        pytest.skip(reason)
+    return binaries
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PrivateCluster]:
+    """One private PostgreSQL cluster for the whole run; each test gets a database of its own in it."""
+    cluster = PrivateCluster(_postgres_binaries())
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def make_postgres_cluster() -> Iterator[Callable[[], PrivateCluster]]:
+    """A cluster of the test's own, for tests that stop and start the database server."""
+    clusters: list[PrivateCluster] = []
+
+    def make() -> PrivateCluster:
+        clusters.append(PrivateCluster(_postgres_binaries()))
+        return clusters[-1]
+
+    yield make
+    for cluster in clusters:
+        cluster.destroy()
+
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def postgres_database(postgres_cluster: PrivateCluster) -> Iterator[str]:
+    """spool.url of a new, empty database; dropped after the test."""
+    name = f"spool_{os.getpid()}_{next(_database_numbers)}"
+    postgres_cluster.psql(f"CREATE DATABASE {name}")
+    yield postgres_cluster.database_url(name)
+    postgres_cluster.psql(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def spool_password_file(tmp_path: Path) -> Path:
+    """spool.password_file for the test clusters."""
+    path = tmp_path / "spool-password"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+async def two_relays(postgres_database: str) -> AsyncIterator[tuple[PostgresSpool, PostgresSpool]]:
+    """Two spools on one database, as two relays would hold them."""
+    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
+    await first.open()
+    await second.open()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def spool_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Nothing for the SQLite spool in tmp_path; spool.url and its password file for PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    return {
+        "RELAY_SPOOL_URL": request.getfixturevalue("postgres_database"),
+        "RELAY_SPOOL_PASSWORD_FILE": str(request.getfixturevalue("spool_password_file")),
+    }

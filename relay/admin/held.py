@@ -14,8 +14,9 @@ import sys
 from relay.config.models import Config
 from relay.core.activity import copies_word, local_time
 from relay.delivery.holding import CannotRelease, Holding, NotHeld
+from relay.spool import build_spool
 from relay.spool.interface import SpoolWriteError
-from relay.spool.sqlite import DATABASE_NAME, SqliteSpool
+from relay.spool.sqlite import DATABASE_NAME
 
 
 def _confirmed(recipients: int) -> bool:
@@ -26,10 +27,10 @@ def _confirmed(recipients: int) -> bool:
 
 
 async def _run(config: Config, args: argparse.Namespace) -> int:
-    if not (config.spool.path / DATABASE_NAME).exists():
+    if not config.spool.shared and not (config.spool.path / DATABASE_NAME).exists():
         print(f"There is no spool at {config.spool.path.resolve()} (spool.path).", file=sys.stderr)
         return 1
-    spool = SqliteSpool(config.spool.path)
+    spool = build_spool(config)
     await spool.open()
     holding = Holding(spool, config.listen.own_hostname()[0], lambda: config)
     try:
@@ -81,5 +82,6 @@ def run_held_command(config: Config, args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(config, args))
     except (sqlite3.Error, SpoolWriteError, OSError) as exc:
-        print(f"privacy-relay: cannot use the spool at {config.spool.path.resolve()}: {exc}", file=sys.stderr)
+        where = config.spool.url or config.spool.path.resolve()
+        print(f"privacy-relay: cannot use the spool at {where}: {exc}", file=sys.stderr)
         return 1

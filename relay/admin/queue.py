@@ -13,8 +13,9 @@ import time
 
 from relay.config.models import Config
 from relay.core.activity import local_time
+from relay.spool import build_spool
 from relay.spool.interface import AdminSpool, CopyState, MessageSummary, SpoolWriteError
-from relay.spool.sqlite import DATABASE_NAME, SqliteSpool
+from relay.spool.sqlite import DATABASE_NAME
 
 
 def _next_attempt(summary: MessageSummary) -> str:
@@ -58,10 +59,10 @@ def _print_summary(s: MessageSummary) -> None:
 
 
 async def _run(config: Config, action: str, message_id: str | None) -> int:
-    if not (config.spool.path / DATABASE_NAME).exists():
+    if not config.spool.shared and not (config.spool.path / DATABASE_NAME).exists():
         print(f"There is no spool at {config.spool.path.resolve()} (spool.path).", file=sys.stderr)
         return 1
-    spool = SqliteSpool(config.spool.path)
+    spool = build_spool(config)
     await spool.open()
     try:
         return await _act(spool, action, message_id)
@@ -99,5 +100,6 @@ def run_queue_command(config: Config, action: str, message_id: str | None) -> in
     try:
         return asyncio.run(_run(config, action, message_id))
     except (sqlite3.Error, SpoolWriteError, OSError) as exc:
-        print(f"privacy-relay: cannot use the spool at {config.spool.path.resolve()}: {exc}", file=sys.stderr)
+        where = config.spool.url or config.spool.path.resolve()
+        print(f"privacy-relay: cannot use the spool at {where}: {exc}", file=sys.stderr)
         return 1

@@ -167,6 +167,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             )
     if named_passwords:
         config = config.model_copy(update={"named_upstream_passwords": named_passwords})
+    if config.spool.password_file is not None:
+        spool_password = _read_password_file(config.spool.password_file, "spool.password_file")
+        config = config.model_copy(update={"spool_password": spool_password})
     if config.upstream.username and not config.upstream.uses_oauth2 and config.upstream_password is None:
         raise ConfigError(
             "upstream.username is set but there is no password: set upstream.password_file "

@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -249,6 +250,27 @@ class UpstreamConfig(_Section):
 
 class SpoolConfig(_Section):
     path: Path = Path("./spool")
+    # postgresql://user@host:port/database?sslmode=verify-full: a spool shared by several relays.
+    # null: the SQLite spool in path, for one relay (and its workers) on one machine.
+    url: str | None = None
+    # The database password; without it, libpq's usual PGPASSWORD or ~/.pgpass (PGPASSFILE).
+    password_file: Path | None = None
+    # Seconds a relay holds a copy it is sending; another relay takes it over once this runs out.
+    lease: Duration = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _url_is_postgresql(self) -> SpoolConfig:
+        if self.url is not None and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url: expected postgresql://user@host:port/database (or null for the SQLite spool)")
+        if self.url is not None and urllib.parse.urlsplit(self.url).password is not None:
+            # The URL is logged and shown by `queue` commands; a password belongs in a file of its own.
+            raise ValueError("url: must not hold the password; put it in spool.password_file (or PGPASSWORD)")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """True when the spool is a database that several relays may share."""
+        return self.url is not None
 
 
 class RouteConfig(_Section):
@@ -352,6 +374,8 @@ class Config(_Section):
     upstream_password: SecretStr | None = Field(default=None, exclude=True)
     # Not YAML keys either: each named upstream's password, read from its password_file.
     named_upstream_passwords: dict[str, SecretStr] = Field(default_factory=dict, exclude=True)
+    # Not a YAML key: the spool database's password, read from spool.password_file.
+    spool_password: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> Config:
@@ -402,8 +426,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _rate_limit_needs_one_worker(self) -> Config:
-        # Each worker process counts only its own sends, so N workers would allow N times the limit.
+        # With SQLite each worker process counts only its own sends, so N workers would allow N times the
+        # limit; a shared spool (spool.url) counts every relay's and worker's sends in the database.
         limited = self.upstream.rate_limit.per_minute or self.upstream.rate_limit.per_day
-        if limited and self.listen.workers > 1:
-            raise ValueError("upstream.rate_limit is counted per process: with it set, listen.workers must be 1")
+        if limited and self.listen.workers > 1 and not self.spool.shared:
+            raise ValueError(
+                "upstream.rate_limit is counted per process with the SQLite spool: with it set, listen.workers "
+                "must be 1 (or the spool shared in PostgreSQL, spool.url)"
+            )
         return self

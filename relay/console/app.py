@@ -17,6 +17,7 @@ from relay.console.access import add_security_headers, guard, json_errors, refus
 from relay.console.state import STATE, TEMPLATES, BadRequest, ConsoleState
 from relay.console.words import STATE_WORDS, decision_words
 from relay.core.activity import copies_word, local_time
+from relay.spool.interface import SpoolWriteError
 
 # Room for the multipart wrapping of an uploaded message of listen.max_message_size.
 _UPLOAD_OVERHEAD = 64 * 1024
@@ -28,6 +29,9 @@ async def bad_requests(request: web.Request, handler: Any) -> web.StreamResponse
         response: web.StreamResponse = await handler(request)
     except BadRequest as exc:
         return refusal(request, 400, str(exc))
+    except SpoolWriteError as exc:
+        # A shared spool's database out of reach: the page says so, and works again once it is back.
+        return refusal(request, 503, exc.text)
     return response
 
 

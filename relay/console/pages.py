@@ -165,7 +165,7 @@ async def status_page(request: web.Request, checks: list[Any] | None = None) -> 
         accepting=state.accepting(),
         snapshot=snapshot,
         upstream_state=upstream_state,
-        spool_bytes=_spool_bytes(config),
+        spool_bytes=0 if config.spool.shared else _spool_bytes(config),
         checks=checks,
     )
 

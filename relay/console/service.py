@@ -21,7 +21,8 @@ from relay.console.metrics import ConsoleMetrics
 from relay.console.state import ConsoleState, UpstreamCheck
 from relay.console.token import load_or_create_token
 from relay.delivery.holding import Holding
-from relay.spool.sqlite import SqliteSpool
+from relay.spool import build_spool
+from relay.spool.interface import ConsoleSpool, SpoolWriteError
 
 # How often what the history keeps beyond console.history_days is purged.
 PURGE_INTERVAL = 3600.0
@@ -70,7 +71,7 @@ class ConsoleThread:
         self._loop, self._thread = loop, thread
         try:
             token_url = asyncio.run_coroutine_threadsafe(self._start(config), loop).result(_START_TIMEOUT)
-        except (OSError, sqlite3.Error, ssl.SSLError) as exc:
+        except (OSError, sqlite3.Error, ssl.SSLError, SpoolWriteError) as exc:
             console = config.console
             log.error(
                 "console.cannot_start",
@@ -89,7 +90,7 @@ class ConsoleThread:
         token = load_or_create_token(config.console_token_file)
         spool = None
         if config.delivery.mode != "direct":
-            spool = SqliteSpool(config.spool.path)
+            spool = build_spool(config)
             await spool.open()
         tls_context = None
         if not is_loopback_host(console.host):
@@ -117,7 +118,7 @@ class ConsoleThread:
             self._purging = asyncio.create_task(self._purge(spool, console.history_days))
         return f"{self.url}?token={token}"
 
-    async def _purge(self, spool: SqliteSpool, history_days: float) -> None:
+    async def _purge(self, spool: ConsoleSpool, history_days: float) -> None:
         log = structlog.get_logger("relay")
         while True:
             try:

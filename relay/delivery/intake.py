@@ -23,7 +23,7 @@ from relay.core.routing import route_for
 from relay.delivery.destinations import Destination, Destinations
 from relay.delivery.report import DeliveryReport
 from relay.delivery.retire import Retirer
-from relay.delivery.scheduler import CLAIM_LEASE, Scheduler
+from relay.delivery.scheduler import Scheduler
 from relay.delivery.watch import Watch
 from relay.spool.interface import NewMessage, SchedulerSpool
 
@@ -58,6 +58,10 @@ class SpooledDelivery:
         self._wake = wake
         self._retirer = Retirer(spool, config, hostname, clock, self._destinations, wake)
         self._scheduler = Scheduler(spool, self._destinations, config, clock, self._retirer, wake)
+
+    def wake(self) -> None:
+        """Look at the spool now: another relay sharing it stored mail that is due."""
+        self._wake.set()
 
     def destination_for(self, upstream: str | None) -> Destination:
         """The upstream the message's route chose when it arrived; one a reload removed falls back to the default."""
@@ -113,7 +117,7 @@ class SpooledDelivery:
             received_at=now,
             upstream=upstream,
             claimed=starting,
-            claimed_until=now + CLAIM_LEASE if starting else 0.0,
+            claimed_until=now + self._config.spool.lease if starting else 0.0,
             record=record,
         )
         watch = Watch(len(copies), expected=len(copies))

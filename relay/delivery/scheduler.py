@@ -20,12 +20,10 @@ from relay.delivery.bodies import BodyCache
 from relay.delivery.destinations import Destinations
 from relay.delivery.retire import Retirer
 from relay.delivery.watch import Watch
-from relay.spool.interface import NewMessage, Progress, SchedulerSpool, SpooledCopy, SpoolWriteError
+from relay.spool.interface import NewMessage, Progress, SchedulerSpool, SharedSends, SpooledCopy, SpoolWriteError
 from relay.upstream.errors import UpstreamFailure, upstream_failure
 from relay.upstream.pool import SendOutcome
 
-# A claimed copy not settled by then (its result could not be stored) is sent again.
-CLAIM_LEASE = 3600.0
 # How often an idle scheduler looks at the spool, so `privacy-relay queue retry` takes effect soon.
 POLL_INTERVAL = 2.0
 
@@ -175,7 +173,8 @@ class Scheduler:
         limit = min(free, allowance) if allowance is not None else free
         if self.pacer.interval > 0:
             limit = 1
-        batch = await self._spool.claim_due(now, limit, CLAIM_LEASE)
+        # Held for spool.lease: not settled by then (its result could not be stored, the relay died), it goes again.
+        batch = await self._spool.claim_due(now, limit, self._config.spool.lease)
         self._more_due = len(batch) >= limit
         if not batch:
             due = await self._spool.next_due()
@@ -183,16 +182,20 @@ class Scheduler:
             return
         # A body already in memory (copies of its message are being sent) is not read again.
         read = await self._spool.bodies(self.bodies.missing(copy.message_id for copy in batch))
+        sendable: list[tuple[SpooledCopy, bytes]] = []
         for copy in batch:
             if copy.id in self._in_flight:
                 continue
-            body = self.bodies.get(copy.message_id)
-            if body is None:
-                body = read.get(copy.message_id)
-            if body is None:
-                continue  # deleted (`queue delete`) since the claim, its copies with it
+            body = self.bodies.get(copy.message_id) or read.get(copy.message_id)
+            if body is not None:  # else deleted (`queue delete`) since the claim, its copies with it
+                sendable.append((copy, body))
+        granted, shared_wait = await self._take_shared_sends(now, [copy for copy, _ in sendable])
+        for index, (copy, body) in enumerate(sendable):
             now = self._clock()
             wait = max(self.limiter.wait(now, len(copy.recipients)), self.pacer.wait(now))
+            if index >= granted:
+                # Other relays sharing the spool used the rate limit's room.
+                wait = max(wait, shared_wait)
             if wait > 0:
                 self._log_daily_cap(now, len(copy.recipients))
                 await self._spool.release(copy.id, now + wait)
@@ -200,6 +203,14 @@ class Scheduler:
                 continue
             self._capped_logged = False
             self._launch(copy, body, now)
+
+    async def _take_shared_sends(self, now: float, copies: list[SpooledCopy]) -> tuple[int, float]:
+        """With a spool several relays share and a rate limit, how many copies the limit leaves room for
+        across all of them, and how long the rest wait; otherwise all of them (this relay's limiter decides)."""
+        limit = self._config.upstream.rate_limit
+        if not isinstance(self._spool, SharedSends) or (limit.per_minute is None and limit.per_day is None):
+            return len(copies), 0.0
+        return await self._spool.take_sends(now, copies, limit.per_minute, limit.per_day)
 
     def _stop_waiting_for_held_copies(self, message_id: str) -> None:
         """A client waiting in hybrid mode hears about the copies in flight, not those a rate limit holds back."""
@@ -282,8 +293,14 @@ class Scheduler:
         in_flight = list(self._in_flight.values())
         if in_flight:
             _, unfinished = await asyncio.wait(in_flight, timeout=grace)
+            cut_short = [copy_id for copy_id, task in self._in_flight.items() if task in unfinished]
             for task in unfinished:
                 task.cancel()
             if unfinished:
                 await asyncio.wait(unfinished)
+            # Due again at once, for another relay sharing the spool (or this one's next start) to send,
+            # rather than after their leases; they may have arrived: at least once.
+            with contextlib.suppress(SpoolWriteError):
+                for copy_id in cut_short:
+                    await self._spool.release(copy_id, self._clock())
             self.log.info("delivery.stopped", finished=len(in_flight) - len(unfinished), left=len(unfinished))

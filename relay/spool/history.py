@@ -38,8 +38,9 @@ from relay.spool.rows import (
 )
 
 _T = TypeVar("_T")
-_SELECT_HISTORY = "SELECT id, received_at, sender, subject, recipients, decision, reason FROM history"
-_SELECT_HELD = "SELECT id, mail_from, recipients, smtputf8, received_at, trace, state, data FROM held"
+# The same columns in both spools (relay/spool/postgres_history.py reads them too).
+SELECT_HISTORY = "SELECT id, received_at, sender, subject, recipients, decision, reason FROM history"
+SELECT_HELD = "SELECT id, mail_from, recipients, smtputf8, received_at, trace, state, data FROM held"
 
 
 class _Transactions(Protocol):
@@ -198,7 +199,7 @@ class ConsoleQueries:
         self: _Transactions, limit: int, decision: str | None = None, text: str = ""
     ) -> list[MessageHistory]:
         def find(db: sqlite3.Connection) -> list[MessageHistory]:
-            query = f"{_SELECT_HISTORY} WHERE 1"
+            query = f"{SELECT_HISTORY} WHERE 1"
             parameters: list[str | int] = []
             if decision is not None:
                 query += " AND decision = ?"
@@ -214,7 +215,7 @@ class ConsoleQueries:
 
     async def history_of(self: _Transactions, message_id: str) -> MessageHistory | None:
         def find(db: sqlite3.Connection) -> MessageHistory | None:
-            row = db.execute(f"{_SELECT_HISTORY} WHERE id = ?", (message_id,)).fetchone()
+            row = db.execute(f"{SELECT_HISTORY} WHERE id = ?", (message_id,)).fetchone()
             return None if row is None else _history_entry(db, row)
 
         return await self._read(find)
@@ -251,14 +252,14 @@ class ConsoleQueries:
 
     async def held_messages(self: _Transactions) -> list[HeldMessage]:
         def find(db: sqlite3.Connection) -> list[HeldMessage]:
-            rows = db.execute(f"{_SELECT_HELD} WHERE state = ? ORDER BY received_at, id", (HeldState.HELD,))
+            rows = db.execute(f"{SELECT_HELD} WHERE state = ? ORDER BY received_at, id", (HeldState.HELD,))
             return [_held(row) for row in rows.fetchall()]
 
         return await self._read(find)
 
     async def held_message(self: _Transactions, message_id: str) -> HeldMessage | None:
         def find(db: sqlite3.Connection) -> HeldMessage | None:
-            row = db.execute(f"{_SELECT_HELD} WHERE id = ?", (message_id,)).fetchone()
+            row = db.execute(f"{SELECT_HELD} WHERE id = ?", (message_id,)).fetchone()
             return None if row is None else _held(row)
 
         return await self._read(find)

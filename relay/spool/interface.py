@@ -1,17 +1,18 @@
 """The Spool interface: what delivery needs from the store of accepted mail, and what the admin commands need.
 
 The scheduler (relay/delivery/) and the queue commands (relay/admin/queue.py) talk to these protocols only,
-never to a database, so a shared one (PostgreSQL) can take SQLite's place. Replies are stored as Reply values,
-their fields in columns: nothing parses reply text back.
+never to a database: SQLite (relay/spool/sqlite.py), or PostgreSQL shared by several relays
+(relay/spool/postgres.py). Replies are stored as Reply values, their fields in columns: nothing parses
+reply text back.
 """
 
 from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from relay.core.activity import MessageRecord
 from relay.core.policy import CopyKind
@@ -55,6 +56,11 @@ def new_queue_id() -> str:
 
 class SpoolWriteError(RelayError):
     """The spool could not commit (disk full, read-only, I/O error): the client must try again later."""
+
+
+def closed_spool_error() -> SpoolWriteError:
+    # A client still in a session while the relay stops (SIGTERM): it keeps the message and tries again.
+    return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
 
 
 class Progress(enum.Enum):
@@ -273,6 +279,16 @@ class SchedulerSpool(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class SharedSends(Protocol):
+    """A spool that several relays share counts their sends for upstream.rate_limit (PostgresSpool)."""
+
+    async def take_sends(
+        self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
+    ) -> tuple[int, float]:
+        """How many of these copies (in order) may be sent now, counted over every relay; the rest's wait."""
+
+
 class AdminSpool(Protocol):
     """What the queue commands need: look at the queue, make copies due now, delete a message."""
 
@@ -323,4 +339,11 @@ class ConsoleSpool(Protocol):
 
 
 class Spool(SchedulerSpool, AdminSpool, ConsoleSpool, Protocol):
-    """A store that serves all three, as SqliteSpool does."""
+    """A store that serves all three, as SqliteSpool and PostgresSpool do."""
+
+    @property
+    def label(self) -> str:
+        """Where the spool is, for logs and the queue commands."""
+
+    async def open(self) -> None:
+        """Open (and create or migrate) the store; SpoolWriteError, sqlite3.Error or OSError when it cannot."""

@@ -33,7 +33,7 @@ from relay.spool.interface import (
     Progress,
     SettledMessage,
     SpooledCopy,
-    SpoolWriteError,
+    closed_spool_error,
 )
 from relay.spool.rows import insert_message, lines, split_lines
 from relay.spool.schema import prepare_schema
@@ -44,11 +44,6 @@ DATABASE_NAME = "spool.db"
 BUSY_TIMEOUT = 10.0
 
 _DAY = 86_400.0
-
-
-def _closed() -> SpoolWriteError:
-    # A client still in a session while the relay stops (SIGTERM): it keeps the message and tries again.
-    return SpoolWriteError(451, "4.3.2", "The relay is shutting down; try again later")
 
 
 _T = TypeVar("_T")
@@ -110,7 +105,7 @@ class SqliteSpool(ConsoleQueries):
 
     def _db(self) -> sqlite3.Connection:
         if self._connection is None:
-            raise _closed()
+            raise closed_spool_error()
         return self._connection
 
     def _commit_number(self) -> int:
@@ -170,7 +165,7 @@ class SqliteSpool(ConsoleQueries):
             committed(result)
         if durable:
             if self._syncer is None:
-                raise _closed()
+                raise closed_spool_error()
             await self._syncer.sync(self._commit_number())
         return result
 

@@ -298,8 +298,8 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
-def test_metrics_after_known_traffic(start_console, upstream: Upstream) -> None:
-    running = start_console(upstream)
+def test_metrics_after_known_traffic(start_console, upstream: Upstream, spool_settings: dict[str, str]) -> None:
+    running = start_console(upstream, **spool_settings)
     for subject in ("One", "Two"):
         assert send(running.relay_port, TEAM, subject=subject).startswith("250")
     assert send(running.relay_port, TEAM[:2], subject="Invite", body="a NUL \x00 byte").startswith("550")

@@ -61,8 +61,10 @@ def test_a_held_message_waits_and_its_sender_is_told(start_console, upstream: Up
     assert metric(text, 'privacy_relay_messages_total{decision="hold"}') == 1
 
 
-def test_release_as_split_sends_the_copies_once_and_a_second_decision_is_409(start_console, upstream: Upstream) -> None:
-    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", **HOLD)
+def test_release_as_split_sends_the_copies_once_and_a_second_decision_is_409(
+    start_console, upstream: Upstream, spool_settings: dict[str, str]
+) -> None:
+    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", **HOLD, **spool_settings)
     held_id = hold_one(running)
     status, answer = release(running, held_id, {"as": "split"})
     assert (status, answer) == (200, {"id": held_id, "state": "released", "copies": 3})
@@ -160,8 +162,12 @@ def test_a_cookie_release_without_csrf_is_refused_and_the_message_stays_held(sta
     assert wait_until(lambda: len(upstream.messages) == 3)
 
 
-def test_a_message_held_too_long_goes_back_to_its_sender_unsent(start_console, upstream: Upstream) -> None:
-    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", RELAY_POLICY_HOLD_MAX_AGE="1s", **HOLD)
+def test_a_message_held_too_long_goes_back_to_its_sender_unsent(
+    start_console, upstream: Upstream, spool_settings: dict[str, str]
+) -> None:
+    running = start_console(
+        upstream, RELAY_POLICY_HOLD_NOTIFY="false", RELAY_POLICY_HOLD_MAX_AGE="1s", **HOLD, **spool_settings
+    )
     held_id = hold_one(running)
     assert wait_until(lambda: len(upstream.messages) == 1)
     (returned,) = upstream.messages
@@ -186,9 +192,13 @@ def test_held_messages_survive_a_restart(start_console, upstream: Upstream, loop
     assert wait_until(lambda: len(upstream.messages) == 3)
 
 
-def held_command(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+def held_command(
+    tmp_path: Path, *arguments: str, spool: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`privacy-relay held ...` on the spool in tmp_path, or on the one that spool's settings name."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     environ.update({"RELAY_SPOOL_PATH": str(tmp_path / "spool"), "RELAY_OUTBOX": str(tmp_path / "outbox")})
+    environ.update(spool or {})
     return subprocess.run(
         [sys.executable, "-m", "relay", "held", *arguments],
         env=environ,
@@ -200,24 +210,26 @@ def held_command(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess
     )
 
 
-def test_the_held_command_lists_shows_releases_and_discards(start_console, upstream: Upstream, tmp_path: Path) -> None:
-    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", **HOLD)
+def test_the_held_command_lists_shows_releases_and_discards(
+    start_console, upstream: Upstream, tmp_path: Path, spool_settings: dict[str, str]
+) -> None:
+    running = start_console(upstream, RELAY_POLICY_HOLD_NOTIFY="false", **HOLD, **spool_settings)
     first, second = hold_one(running, "First"), hold_one(running, "Second")
-    listed = held_command(tmp_path, "list")
+    listed = held_command(tmp_path, "list", spool=spool_settings)
     assert listed.returncode == 0 and first in listed.stdout and "2 message(s) held" in listed.stdout
-    shown = held_command(tmp_path, "show", first)
+    shown = held_command(tmp_path, "show", first, spool=spool_settings)
     assert "subject:    First" in shown.stdout and "bob@families.test" in shown.stdout
-    unconfirmed = held_command(tmp_path, "release", first, "--as", "written")
+    unconfirmed = held_command(tmp_path, "release", first, "--as", "written", spool=spool_settings)
     assert unconfirmed.returncode == 1 and held_ids(running) == [first, second]
-    released = held_command(tmp_path, "release", first)
+    released = held_command(tmp_path, "release", first, spool=spool_settings)
     assert released.returncode == 0 and "3 copies queued" in released.stdout
     assert wait_until(lambda: len(upstream.messages) == 3)
-    again = held_command(tmp_path, "release", first)
+    again = held_command(tmp_path, "release", first, spool=spool_settings)
     assert again.returncode == 3 and "not held any more: it was released" in again.stderr
-    assert held_command(tmp_path, "discard", second).returncode == 0
-    assert held_command(tmp_path, "discard", second).returncode == 3
-    assert held_command(tmp_path, "show", "NOSUCHID").returncode == 1
-    assert "Nothing is held." in held_command(tmp_path, "list").stdout
+    assert held_command(tmp_path, "discard", second, spool=spool_settings).returncode == 0
+    assert held_command(tmp_path, "discard", second, spool=spool_settings).returncode == 3
+    assert held_command(tmp_path, "show", "NOSUCHID", spool=spool_settings).returncode == 1
+    assert "Nothing is held." in held_command(tmp_path, "list", spool=spool_settings).stdout
     assert len(upstream.messages) == 3
 
 

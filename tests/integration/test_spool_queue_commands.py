@@ -1,8 +1,7 @@
-"""`privacy-relay queue list | show | retry | delete`, run while the relay is running."""
+"""`privacy-relay queue list | show | retry | delete`, run while the relay is running, on either spool."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,9 @@ def queue(relay: RelayProcess, *arguments: str) -> subprocess.CompletedProcess[s
     )
 
 
-def test_queue_commands_while_the_relay_runs(make_upstream: UpstreamFactory, tmp_path: Path) -> None:
+def test_queue_commands_while_the_relay_runs(
+    make_upstream: UpstreamFactory, tmp_path: Path, spool_settings: dict[str, str]
+) -> None:
     upstream = make_upstream()
     upstream.handler.rcpt_replies["r1.0@q1.test"] = "451 4.2.2 Mailbox full, try later"
     relay = RelayProcess(
@@ -33,6 +34,7 @@ def test_queue_commands_while_the_relay_runs(make_upstream: UpstreamFactory, tmp
             "RELAY_UPSTREAM_TLS": "none",
             "RELAY_DELIVERY_MIN_BACKOFF": "1h",
             "RELAY_DELIVERY_MAX_BACKOFF": "2h",
+            **spool_settings,
         },
     )
     try:
@@ -61,11 +63,10 @@ def test_queue_commands_while_the_relay_runs(make_upstream: UpstreamFactory, tmp
         deleted = queue(relay, "delete", second_id)
         assert deleted.returncode == 0 and "no delivery report" in deleted.stdout
         assert queue(relay, "show", second_id).returncode == 1
+        assert "The spool is empty." in queue(relay, "list").stdout
         assert relay.process.poll() is None
     finally:
         relay.stop()
-    with sqlite3.connect(tmp_path / "spool" / "spool.db") as db:
-        assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
 def test_queue_without_a_spool_says_so(tmp_path: Path) -> None:

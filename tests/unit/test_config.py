@@ -308,6 +308,19 @@ def test_rate_limits_need_a_single_worker_because_each_process_counts_its_own() 
     assert load_config(None, {"RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"}).listen.workers == 1
 
 
+def test_a_shared_spool_counts_every_workers_sends_so_rate_limits_allow_workers() -> None:
+    settings = {"RELAY_LISTEN_WORKERS": "2", "RELAY_UPSTREAM_RATE_LIMIT_PER_DAY": "500"}
+    config = load_config(None, {**settings, "RELAY_SPOOL_URL": "postgresql://relay@db.test/privacy_relay"})
+    assert config.listen.workers == 2 and config.spool.shared
+
+
+def test_the_spool_url_is_postgresql_and_holds_no_password() -> None:
+    with pytest.raises(ConfigError, match="url: expected postgresql"):
+        load_config(None, {"RELAY_SPOOL_URL": "mysql://relay@db.test/x"})
+    with pytest.raises(ConfigError, match="password_file"):
+        load_config(None, {"RELAY_SPOOL_URL": "postgresql://relay:secret@db.test/x"})
+
+
 def test_policy_settings_carry_every_policy_key_to_the_core() -> None:
     policy = PolicyConfig(
         action="bcc",

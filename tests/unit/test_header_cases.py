@@ -277,3 +277,14 @@ def test_an_encoded_display_name_in_reply_to_naming_another_recipient_is_filtere
     prepared = run(data, [ANN, BOB])
     assert addresses_in(copy_for(prepared, ANN), "Reply-To") == [SENDER]
     assert BOB.encode() not in copy_for(prepared, ANN).headers
+
+
+@pytest.mark.parametrize("action", ["split", "bcc"])
+def test_one_envelope_recipient_with_many_in_to_still_gets_a_copy_showing_only_them(action: str) -> None:
+    # Postfix's content filter with a recipient limit of 1 hands over one recipient per transaction.
+    data = message(f"From: {SENDER}", f"To: Ann <{ANN}>, {BOB}", f"Cc: {CY}", "Subject: x")
+    prepared = run(data, [BOB], action=action)
+    (copy,) = prepared.copies
+    assert copy.recipients == (BOB,)
+    assert ANN not in copy.headers.decode() and CY not in copy.headers.decode()
+    assert addresses_in(copy, "cc") == []

@@ -1,4 +1,6 @@
-"""What the spool keeps for the console: the history of each message, held messages, and the metrics' totals."""
+"""What the spools keep for the console: the history of each message, held messages, and the metrics' totals.
+
+Each test runs against SQLite and PostgreSQL alike (the `spool` fixture in tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from relay.spool.interface import (
     HeldMessage,
     HeldState,
     NewMessage,
+    Spool,
 )
-from relay.spool.sqlite import SqliteSpool
 
 TWO = ("a@x.test", "b@y.test")
 BUSY = Reply(451, "4.2.2", "busy")
@@ -44,8 +46,10 @@ def held(message_id: str, received_at: float = 1000.0) -> HeldMessage:
     )
 
 
-async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool: SqliteSpool) -> None:
+async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool: Spool) -> None:
     copy_ids = await spool.store(message("M1"))
+    # Claimed first: a shared spool records a result only under the lease of the relay that sends the copy.
+    assert len(await spool.claim_due(1000.0, 10, lease=60)) == 2
     await spool.record(CopyResult(copy_ids[0], delivered=("a@x.test",), sent_at=1002.0))
     await spool.record(
         CopyResult(copy_ids[1], retry=("b@y.test",), next_attempt=1060.0, last_reply=BUSY, sent_at=1002.0)
@@ -68,12 +72,12 @@ async def test_each_attempt_updates_its_copy_in_the_history_and_the_totals(spool
     assert metrics.oldest_received_at == 1000.0
 
 
-async def test_delivery_reports_are_not_in_the_history(spool: SqliteSpool) -> None:
+async def test_delivery_reports_are_not_in_the_history(spool: Spool) -> None:
     await spool.store(message("M1", record=None))
     assert await spool.history(10) == []
 
 
-async def test_filter_search_and_newest_first(spool: SqliteSpool) -> None:
+async def test_filter_search_and_newest_first(spool: Spool) -> None:
     await spool.store(message("OLD", 1000.0))
     await spool.remember("NEW", 2000.0, dataclasses.replace(RECORD, subject="Kit", decision="refused"))
     assert [e.id for e in await spool.history(10)] == ["NEW", "OLD"]
@@ -84,7 +88,7 @@ async def test_filter_search_and_newest_first(spool: SqliteSpool) -> None:
     assert await spool.history_of("NOPE") is None
 
 
-async def test_the_history_is_purged_but_not_while_a_message_still_waits(spool: SqliteSpool) -> None:
+async def test_the_history_is_purged_but_not_while_a_message_still_waits(spool: Spool) -> None:
     await spool.store(message("WAITING", 1000.0))
     await spool.remember("GONE", 1000.0, RECORD)
     await spool.remember("RECENT", 5000.0, RECORD)
@@ -93,7 +97,7 @@ async def test_the_history_is_purged_but_not_while_a_message_still_waits(spool: 
     assert sorted(e.id for e in await spool.history(10)) == ["HELD", "RECENT", "WAITING"]
 
 
-async def test_a_held_message_is_settled_once(spool: SqliteSpool) -> None:
+async def test_a_held_message_is_settled_once(spool: Spool) -> None:
     await spool.hold(held("H1"), dataclasses.replace(RECORD, decision="hold"), None)
     assert [m.id for m in await spool.held_messages()] == ["H1"]
     assert (await spool.metrics()).held == 1

@@ -1,0 +1,468 @@
+"""The Spool in a PostgreSQL database that any number of relays share (spool.url).
+
+The same tables as the SQLite spool: one body per message, one row per copy. What sharing adds:
+- A relay sending a copy holds a lease on it: its owner name, a fencing counter raised at every claim,
+  and next_attempt as the lease's end. Claims take due rows with FOR UPDATE SKIP LOCKED, so two relays
+  never claim one copy; a relay whose lease ran out and was taken over cannot record its late result over
+  the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
+  nobody unlocks anything by hand.
+- New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
+- A message is acknowledged (250) only once it is committed (relay/spool/postgres_database.py says
+  how durably). A message and its copies are one statement, a copy's result is one statement (and a
+  second to forget the message after its last copy): round trips are what a shared spool costs.
+- upstream.rate_limit is one count in the database for every relay (take_sends).
+- The console's history, held messages and totals (relay/spool/postgres_history.py) are written in the
+  transactions that store a message and record each attempt: every relay's console shows all relays' mail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TypeVar
+
+import asyncpg
+import structlog
+
+from relay.core.pacing import RateLimiter
+from relay.core.policy import CopyKind
+from relay.core.replies import Reply
+from relay.spool.interface import (
+    CopyResult,
+    CopyState,
+    CopySummary,
+    Failure,
+    MessageSummary,
+    NewMessage,
+    Progress,
+    SettledMessage,
+    SpooledCopy,
+)
+from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
+from relay.spool.postgres_history import (
+    RECORD_ATTEMPT,
+    PostgresConsoleQueries,
+    attempt_parameters,
+    insert_history,
+    mark_claimed,
+    mark_discarded,
+)
+
+_T = TypeVar("_T")
+
+SENDS_LOCK = 0x70726977  # pg_advisory_xact_lock key: relays taking sends within upstream.rate_limit take turns
+# record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
+_FORGET_COPY = (
+    "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
+)
+_KEEP_FOR_RETRY = (
+    "UPDATE copies SET state = $21, recipients = $22, next_attempt = $23, last_code = $24, last_enhanced = $25,"
+    " last_text = $26, attempts = attempts + $12, lease_owner = NULL"
+    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
+)
+# The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
+# counted down when the copy is done ($4 sent_at, $5 recipients delivered, $6 to $9 the failed recipients and
+# their replies' codes, enhanced statuses and texts, $10 1 when the copy is done).
+_RECORD_REST = (
+    "), expired AS (DELETE FROM sends WHERE sent_at < $4 - 86400),"  # a day: as far back as rate limits look
+    " sent AS (INSERT INTO sends (sent_at, recipients) SELECT $4, $5 FROM copy WHERE $5 > 0),"
+    " failures AS (INSERT INTO failures (message_id, recipient, code, enhanced, text, headers)"
+    " SELECT copy.message_id, f.recipient, f.code, f.enhanced, f.text, copy.headers FROM copy,"
+    " unnest($6::text[], $7::integer[], $8::text[], $9::text[]) AS f(recipient, code, enhanced, text)),"
+    " message AS (UPDATE messages m SET copies_left = copies_left - $10::integer,"
+    " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
+    " RETURNING m.id, m.copies_left, m.failed, m.received_at, m.upstream),"
+)
+# What record() reads back: where the message stands.
+_RECORD_RESULT = " SELECT id, copies_left, failed FROM message"
+_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
+_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
+
+
+class PostgresSpool(PostgresConsoleQueries):
+    """The Spool on PostgreSQL; open() connects, creates or migrates the schema, and starts listening."""
+
+    def __init__(self, url: str, password: str | None = None) -> None:
+        self._db = Database(url, password)
+        # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        # The fencing counter of each copy this process holds, as its claim set it.
+        self._fences: dict[int, int] = {}
+        # Copies whose send take_sends() counted already: their result does not count it again.
+        self._counted: set[int] = set()
+        self.log = structlog.get_logger("relay")
+
+    @property
+    def label(self) -> str:
+        # Without the query (sslmode and the like): where the spool is, not how it is reached.
+        return self._db.url.split("?", 1)[0]
+
+    async def open(self) -> None:
+        """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
+        await self._db.open()
+
+    def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
+        """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
+        self._db.wake_on_new_mail(wake)
+
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T:
+        return await self._db.run(work, durable)
+
+    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        return await self._db.read(work)
+
+    async def store(
+        self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
+    ) -> tuple[int, ...]:
+        async def insert(connection: Connection) -> tuple[int, ...]:
+            ids = await self._insert(connection, message)
+            if message.claimed < len(message.copies):
+                # Sent after the commit: a relay it wakes finds the copies there.
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return ids
+
+        ids = await self._db.run(insert)
+        # Committed means durable here: the callback and the return come together.
+        if committed is not None:
+            committed(ids)
+        return ids
+
+    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
+        """The message and its copies in one statement (and its history); their ids in order."""
+        copies = message.copies
+        first_claimed = [position < message.claimed for position in range(len(copies))]
+        rows = await connection.fetch(
+            "WITH message AS (INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body,"
+            " copies_left) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)"
+            " INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
+            " fence) SELECT message.id, c.position, c.kind, string_to_array(c.recipients, E'\\n'), c.headers, c.state,"
+            " c.next_attempt,"
+            " c.owner, c.fence FROM message, unnest($9::integer[], $10::text[], $11::text[], $12::bytea[],"
+            " $13::text[], $14::float8[], $15::text[], $16::bigint[])"
+            " AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
+            " RETURNING id, position",
+            message.id,
+            message.mail_from,
+            message.smtputf8,
+            message.upstream,
+            message.is_bounce,
+            message.received_at,
+            message.body,
+            len(copies),
+            list(range(len(copies))),
+            [copy.kind for copy in copies],
+            # Recipients are never empty and hold no line break (SMTP forbids both): one text each here.
+            ["\n".join(copy.recipients) for copy in copies],
+            [copy.headers for copy in copies],
+            [CopyState.SENDING if claimed else CopyState.QUEUED for claimed in first_claimed],
+            [message.claimed_until if claimed else message.received_at for claimed in first_claimed],
+            [self.owner if claimed else None for claimed in first_claimed],
+            [int(claimed) for claimed in first_claimed],
+        )
+        ids = tuple(row["id"] for row in sorted(rows, key=lambda row: row["position"]))
+        if message.record is not None:
+            await insert_history(
+                connection, message.id, message.received_at, message.record, message.copies, message.claimed
+            )
+        self._fences.update((copy_id, 1) for copy_id in ids[: message.claimed])
+        return ids
+
+    async def recover(self) -> int:
+        """Nothing to do: a restarted relay is a new owner, and the copies the old one held go again once
+        their leases run out (spool.lease), taken by whichever relay is first."""
+        return 0
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
+        async def claim(connection: Connection) -> list[asyncpg.Record]:
+            # SKIP LOCKED: relays claiming at the same moment take different copies instead of waiting.
+            claimed = await connection.fetch(
+                "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
+                " FOR UPDATE SKIP LOCKED)"
+                " UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
+                " FROM due, messages m WHERE c.id = due.id AND m.id = c.message_id"
+                " RETURNING c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts, c.fence,"
+                " m.mail_from, m.smtputf8, m.upstream, m.received_at",
+                now,
+                limit,
+                CopyState.SENDING,
+                now + lease,
+                self.owner,
+            )
+            await mark_claimed(connection, [(row["message_id"], row["position"]) for row in claimed])
+            return claimed
+
+        rows = await self._db.run(claim, durable=False)
+        # Kept once committed: a claim that failed holds nothing.
+        self._fences.update((row["id"], row["fence"]) for row in rows)
+        return [
+            SpooledCopy(
+                id=row["id"],
+                message_id=row["message_id"],
+                position=row["position"],
+                kind=CopyKind(row["kind"]),
+                recipients=tuple(row["recipients"]),
+                headers=bytes(row["headers"]),
+                mail_from=row["mail_from"],
+                smtputf8=row["smtputf8"],
+                upstream=row["upstream"],
+                received_at=row["received_at"],
+                attempts=row["attempts"],
+            )
+            for row in sorted(rows, key=lambda row: (row["message_id"], row["position"]))
+        ]
+
+    async def bodies(self, message_ids: Collection[str]) -> dict[str, bytes]:
+        async def read(connection: Connection) -> dict[str, bytes]:
+            rows = await connection.fetch("SELECT id, body FROM messages WHERE id = ANY($1::text[])", list(message_ids))
+            return {row["id"]: bytes(row["body"]) for row in rows}
+
+        return await self._db.read(read)
+
+    async def release(self, copy_id: int, next_attempt: float) -> None:
+        fence = self._fences.pop(copy_id, None)
+
+        async def put_back(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET state = $1, next_attempt = $2, lease_owner = NULL"
+                " WHERE id = $3 AND lease_owner = $4 AND fence = $5",
+                CopyState.QUEUED,
+                next_attempt,
+                copy_id,
+                self.owner,
+                fence,
+            )
+
+        await self._db.run(put_back, durable=False)
+
+    async def postpone(self, now: float, until: float) -> None:
+        async def delay(connection: Connection) -> None:
+            await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND next_attempt <= $3",
+                until,
+                CopyState.QUEUED,
+                now,
+            )
+
+        await self._db.run(delay, durable=False)
+
+    async def record(self, result: CopyResult) -> Progress:
+        fence = self._fences.pop(result.copy_id, None)
+        counted = result.copy_id in self._counted
+        self._counted.discard(result.copy_id)
+        failed = [recipient for recipient, _ in result.failed]
+        replies = [reply for _, reply in result.failed]
+        delivered = len(result.delivered)
+        last = result.last_reply
+
+        async def update(connection: Connection) -> Progress:
+            # One statement, which only touches the copy while this relay's lease on it stands. It keeps
+            # the failures and counts the send; a retry puts the copy back, a last result counts the
+            # message's copies down.
+            row = await connection.fetchrow(
+                _RECORD_RETRY if result.retry else _RECORD_LAST,
+                result.copy_id,
+                self.owner,
+                fence,
+                result.sent_at,
+                0 if counted else delivered,
+                failed,
+                [reply.code for reply in replies],
+                [reply.enhanced for reply in replies],
+                [reply.text for reply in replies],
+                0 if result.retry else 1,
+                *attempt_parameters(result),
+                *(
+                    (
+                        CopyState.QUEUED,
+                        list(result.retry),
+                        result.next_attempt,
+                        *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
+                    )
+                    if result.retry
+                    else ()
+                ),
+            )
+            if row is None:
+                # Deleted with `queue delete`, or our lease ran out and another relay claimed the copy:
+                # its result, not this late one, stands.
+                self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
+                return Progress.SENDING
+            if result.retry or row["copies_left"] > 0:
+                return Progress.SENDING
+            if row["failed"]:
+                return Progress.SETTLED
+            # Every copy delivered: the recipient list goes now. (Lost to a crash here, the message is
+            # found settled with nothing to bounce, and retired then.)
+            await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
+            return Progress.DELIVERED
+
+        return await self._db.statements(update, durable=False)
+
+    async def take_sends(
+        self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
+    ) -> tuple[int, float]:
+        """How many of these claimed copies (in order) may be sent now within upstream.rate_limit, counted
+        over every relay that shares the spool, and how long the rest must wait. The copies granted count
+        as sent now; relays take turns (an advisory lock), so together they never exceed the limit."""
+
+        async def take(connection: Connection) -> tuple[int, float]:
+            return await _take_sends(connection, now, copies, RateLimiter(per_minute, per_day))
+
+        granted, wait = await self._db.run(take, durable=False)
+        self._counted.update(copy.id for copy in copies[:granted])
+        return granted, wait
+
+    async def next_due(self) -> float | None:
+        async def earliest(connection: Connection) -> float | None:
+            value = await connection.fetchval("SELECT min(next_attempt) FROM copies")
+            return None if value is None else float(value)
+
+        return await self._db.read(earliest)
+
+    async def settled(self, message_id: str | None = None) -> list[SettledMessage]:
+        return await self._db.run(lambda connection: _settled(connection, message_id), durable=False)
+
+    async def retire(self, message_id: str, replacement: NewMessage | None) -> None:
+        async def swap(connection: Connection) -> None:
+            deleted = await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id)
+            # Another relay retired it first (and bounced it): one bounce, not one per relay.
+            if deleted is not None and replacement is not None:
+                await self._insert(connection, replacement)
+
+        await self._db.run(swap)
+
+    async def recent_sends(self, since: float) -> list[tuple[float, int]]:
+        async def sends(connection: Connection) -> list[tuple[float, int]]:
+            rows = await connection.fetch(
+                "SELECT sent_at, recipients FROM sends WHERE sent_at >= $1 ORDER BY sent_at", since
+            )
+            return [(float(row["sent_at"]), int(row["recipients"])) for row in rows]
+
+        return await self._db.read(sends)
+
+    async def summaries(self) -> list[MessageSummary]:
+        return await self._db.read(lambda connection: _summaries(connection, None))
+
+    async def summary(self, message_id: str) -> MessageSummary | None:
+        found = await self._db.read(lambda connection: _summaries(connection, message_id))
+        return found[0] if found else None
+
+    async def retry_now(self, now: float, message_id: str | None) -> int:
+        async def make_due(connection: Connection) -> int:
+            status = await connection.execute(
+                "UPDATE copies SET next_attempt = $1 WHERE state = $2 AND ($3::text IS NULL OR message_id = $3)",
+                now,
+                CopyState.QUEUED,
+                message_id,
+            )
+            await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self._db.run(make_due)
+
+    async def delete(self, message_id: str) -> bool:
+        async def remove(connection: Connection) -> bool:
+            await mark_discarded(connection, message_id)
+            return await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id) is not None
+
+        return await self._db.run(remove)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+async def _take_sends(
+    connection: Connection, now: float, copies: Sequence[SpooledCopy], limiter: RateLimiter
+) -> tuple[int, float]:
+    await connection.execute("SELECT pg_advisory_xact_lock($1)", SENDS_LOCK)
+    # In time order: the limiter's windows expire from the oldest.
+    rows = await connection.fetch(
+        "SELECT sent_at, recipients FROM sends WHERE sent_at > $1 ORDER BY sent_at", now - 86400
+    )
+    for row in rows:
+        limiter.record(row["sent_at"], row["recipients"])
+    granted = 0
+    for copy in copies:
+        if limiter.wait(now, len(copy.recipients)) > 0:
+            break
+        limiter.record(now, len(copy.recipients))
+        granted += 1
+    await connection.executemany(
+        "INSERT INTO sends (sent_at, recipients) VALUES ($1, $2)",
+        [(now, len(copy.recipients)) for copy in copies[:granted]],
+    )
+    rest = copies[granted:]
+    return granted, limiter.wait(now, len(rest[0].recipients)) if rest else 0.0
+
+
+async def _settled(connection: Connection, message_id: str | None) -> list[SettledMessage]:
+    rows = await connection.fetch(
+        "SELECT id, mail_from, upstream, is_bounce, received_at, body FROM messages m"
+        " WHERE copies_left = 0 AND ($1::text IS NULL OR m.id = $1)",
+        message_id,
+    )
+    return [
+        SettledMessage(
+            row["id"],
+            row["mail_from"],
+            row["upstream"],
+            row["is_bounce"],
+            row["received_at"],
+            await _failures(connection, row["id"]),
+            bytes(row["body"]),
+        )
+        for row in rows
+    ]
+
+
+async def _failures(connection: Connection, message_id: str) -> tuple[Failure, ...]:
+    rows = await connection.fetch(
+        "SELECT recipient, code, enhanced, text, headers FROM failures WHERE message_id = $1 ORDER BY id", message_id
+    )
+    return tuple(
+        Failure(row["recipient"], Reply(row["code"], row["enhanced"], row["text"]), bytes(row["headers"]))
+        for row in rows
+    )
+
+
+async def _summaries(connection: Connection, message_id: str | None) -> list[MessageSummary]:
+    rows = await connection.fetch(
+        "SELECT id, mail_from, upstream, is_bounce, received_at, length(body) AS size FROM messages"
+        " WHERE $1::text IS NULL OR id = $1 ORDER BY received_at, id",
+        message_id,
+    )
+    summaries = []
+    for row in rows:
+        copies = tuple(
+            CopySummary(
+                c["id"],
+                c["position"],
+                CopyKind(c["kind"]),
+                tuple(c["recipients"]),
+                CopyState(c["state"]),
+                c["attempts"],
+                c["next_attempt"],
+                None if c["last_code"] is None else Reply(c["last_code"], c["last_enhanced"], c["last_text"]),
+            )
+            for c in await connection.fetch(
+                "SELECT id, position, kind, recipients, state, attempts, next_attempt, last_code, last_enhanced,"
+                " last_text FROM copies WHERE message_id = $1 ORDER BY position, id",
+                row["id"],
+            )
+        )
+        failures = await _failures(connection, row["id"])
+        summaries.append(
+            MessageSummary(
+                row["id"],
+                row["mail_from"],
+                row["upstream"],
+                row["is_bounce"],
+                row["received_at"],
+                row["size"],
+                copies,
+                failures,
+            )
+        )
+    return summaries

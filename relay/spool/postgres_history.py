@@ -1,0 +1,372 @@
+"""The console's side of the PostgreSQL spool: the history of each message, held messages, the totals for /metrics.
+
+The same tables and semantics as the SQLite spool's (relay/spool/history.py), written in the transaction
+that stores a message and in the one statement that records each attempt (RECORD_ATTEMPT). Every relay
+sharing the database writes into the same rows, so the history, the held messages and the totals are the
+database's: each relay's console shows all of them. A held message is settled by one conditional UPDATE,
+so of two relays deciding at once exactly one does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
+
+import asyncpg
+
+from relay.core.activity import MessageRecord
+from relay.core.replies import Reply
+from relay.core.rewrite import OutgoingCopy
+from relay.spool.history import SELECT_HELD, SELECT_HISTORY
+from relay.spool.interface import (
+    DELIVERY_SECONDS_BUCKETS,
+    CopyHistory,
+    CopyResult,
+    CopyState,
+    HeldMessage,
+    HeldState,
+    HistoryState,
+    MessageHistory,
+    NewMessage,
+    SpoolMetrics,
+)
+from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection
+
+_T = TypeVar("_T")
+# The part of PostgresSpool.record()'s statement that keeps the copy's state in the history and the totals
+# for /metrics, after its CTEs `copy` (message_id, position) and `message` (received_at, upstream); the
+# parameters from $11 are attempt_parameters()'. Rows in key order, so relays counting at once lock the
+# same rows in the same order and never deadlock.
+RECORD_ATTEMPT = (
+    " shown AS (UPDATE history_copies h SET state = $11, attempts = h.attempts + $12, last_code = $13,"
+    " last_enhanced = $14, last_text = $15, next_attempt = $16 FROM copy"
+    " WHERE h.message_id = copy.message_id AND h.position = copy.position),"
+    " counted AS (INSERT INTO counters (name, label, value) SELECT c.name, c.label, c.value FROM message,"
+    " LATERAL (SELECT greatest(0, $4 - message.received_at) AS seconds,"
+    " coalesce(message.upstream, 'default') AS upstream) AS m,"
+    " LATERAL (VALUES ('copies_total', $11::text, 1.0::float8, $12 > 0),"
+    " ('upstream_up', m.upstream, $17::float8, $12 > 0),"
+    " ('upstream_last_delivery', m.upstream, $4, $18::boolean),"
+    " ('delivery_seconds_bucket', coalesce((SELECT b.label FROM unnest($19::float8[], $20::text[]) AS b(bound, label)"
+    " WHERE m.seconds <= b.bound ORDER BY b.bound LIMIT 1), '+Inf'), 1.0, $18),"
+    " ('delivery_seconds_count', '', 1.0, $18), ('delivery_seconds_sum', '', m.seconds, $18))"
+    " AS c(name, label, value, wanted) WHERE c.wanted ORDER BY c.name, c.label"
+    " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
+    " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
+    " ELSE counters.value + excluded.value END)"
+)
+
+
+def attempt_parameters(result: CopyResult) -> tuple[object, ...]:
+    """$11 to $20 of RECORD_ATTEMPT: the copy's state in the history, its reply, and what the totals add."""
+    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
+    shown = result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
+    return (
+        state,
+        int(result.counts_as_attempt),
+        *((None, None, None) if shown is None else (shown.code, shown.enhanced, shown.text)),
+        result.next_attempt if result.retry else None,
+        float(result.reached_upstream),
+        bool(result.delivered),
+        list(DELIVERY_SECONDS_BUCKETS),
+        # The labels /metrics reads back, as SQLite's spool writes them.
+        [repr(bound) for bound in DELIVERY_SECONDS_BUCKETS],
+    )
+
+
+_WAITING = (HistoryState.QUEUED, HistoryState.SENDING, HistoryState.DEFERRED)
+
+
+class _Transactions(Protocol):
+    """What PostgresConsoleQueries needs of PostgresSpool: its database and how it inserts a message."""
+
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], durable: bool = True) -> _T: ...
+
+    async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T: ...
+
+    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]: ...
+
+
+async def add_counters(connection: Connection, values: Sequence[tuple[str, str, float]]) -> None:
+    """Add to the totals (gauges: replace them), in one statement and in key order, so that relays updating
+    the same rows at once take their locks in the same order and never deadlock."""
+    if not values:
+        return
+    ordered = sorted(values)
+    # Totals add up; gauges (the upstream's state, the health check's time) replace the value before.
+    await connection.execute(
+        "INSERT INTO counters (name, label, value) SELECT * FROM unnest($1::text[], $2::text[], $3::float8[])"
+        " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
+        " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
+        " ELSE counters.value + excluded.value END",
+        [name for name, _, _ in ordered],
+        [label for _, label, _ in ordered],
+        [value for _, _, value in ordered],
+    )
+
+
+async def insert_history(
+    connection: Connection,
+    message_id: str,
+    received_at: float,
+    record: MessageRecord,
+    copies: Sequence[OutgoingCopy],
+    claimed: int = 0,
+) -> None:
+    """What the console shows of a message, with a row per copy, and the count of its decision."""
+    await connection.execute(
+        "INSERT INTO history (id, received_at, sender, subject, recipients, decision, reason)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        message_id,
+        received_at,
+        record.sender,
+        record.subject,
+        list(record.recipients),
+        record.decision,
+        record.reason,
+    )
+    await insert_history_copies(connection, message_id, copies, claimed)
+    await add_counters(connection, [("messages_total", record.decision, 1.0)])
+
+
+async def insert_history_copies(
+    connection: Connection, message_id: str, copies: Sequence[OutgoingCopy], claimed: int = 0
+) -> None:
+    if not copies:
+        return
+    # Recipients are never empty and hold no line break (SMTP forbids both): one text each here.
+    await connection.execute(
+        "INSERT INTO history_copies (message_id, position, recipients, state)"
+        " SELECT $1, c.position, string_to_array(c.recipients, E'\\n'), c.state"
+        " FROM unnest($2::integer[], $3::text[], $4::text[]) AS c(position, recipients, state)",
+        message_id,
+        list(range(len(copies))),
+        ["\n".join(copy.recipients) for copy in copies],
+        [HistoryState.SENDING if position < claimed else HistoryState.QUEUED for position in range(len(copies))],
+    )
+
+
+async def mark_claimed(connection: Connection, claimed: list[tuple[str, int]]) -> None:
+    """(message id, position) of copies claimed for sending."""
+    if claimed:
+        await connection.execute(
+            "UPDATE history_copies h SET state = $1 FROM unnest($2::text[], $3::integer[]) AS c(message_id, position)"
+            " WHERE h.message_id = c.message_id AND h.position = c.position",
+            HistoryState.SENDING,
+            [message_id for message_id, _ in claimed],
+            [position for _, position in claimed],
+        )
+
+
+async def mark_discarded(connection: Connection, message_id: str) -> None:
+    """A message deleted from the queue: its copies still to send are never sent."""
+    await connection.execute(
+        "UPDATE history_copies SET state = $1, next_attempt = NULL WHERE message_id = $2 AND state = ANY($3::text[])",
+        HistoryState.DISCARDED,
+        message_id,
+        list(_WAITING),
+    )
+
+
+async def _history_entries(connection: Connection, rows: list[asyncpg.Record]) -> list[MessageHistory]:
+    copies: dict[str, list[CopyHistory]] = {row["id"]: [] for row in rows}
+    for c in await connection.fetch(
+        "SELECT message_id, position, recipients, state, attempts, last_code, last_enhanced, last_text, next_attempt"
+        " FROM history_copies WHERE message_id = ANY($1::text[]) ORDER BY message_id, position",
+        list(copies),
+    ):
+        reply = None if c["last_code"] is None else Reply(c["last_code"], c["last_enhanced"], c["last_text"])
+        copies[c["message_id"]].append(
+            CopyHistory(
+                c["position"], tuple(c["recipients"]), HistoryState(c["state"]), c["attempts"], reply, c["next_attempt"]
+            )
+        )
+    return [
+        MessageHistory(
+            row["id"],
+            row["received_at"],
+            MessageRecord(row["sender"], row["subject"], tuple(row["recipients"]), row["decision"], row["reason"]),
+            tuple(copies[row["id"]]),
+        )
+        for row in rows
+    ]
+
+
+def _held(row: asyncpg.Record) -> HeldMessage:
+    trace = {str(key): str(value) for key, value in json.loads(row["trace"]).items()}
+    return HeldMessage(
+        row["id"],
+        row["mail_from"],
+        tuple(row["recipients"]),
+        row["smtputf8"],
+        row["received_at"],
+        trace,
+        HeldState(row["state"]),
+        bytes(row["data"]),
+    )
+
+
+class PostgresConsoleQueries:
+    """The ConsoleSpool methods, and remember() and hold() for the listener, mixed into PostgresSpool."""
+
+    async def remember(self: _Transactions, message_id: str, received_at: float, record: MessageRecord) -> None:
+        async def insert(connection: Connection) -> None:
+            await insert_history(connection, message_id, received_at, record, ())
+
+        await self._run(insert, durable=False)
+
+    async def hold(self: _Transactions, message: HeldMessage, record: MessageRecord, notice: NewMessage | None) -> None:
+        async def insert(connection: Connection) -> None:
+            await connection.execute(
+                "INSERT INTO held (id, mail_from, recipients, smtputf8, received_at, trace, state, data)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                message.id,
+                message.mail_from,
+                list(message.recipients),
+                message.smtputf8,
+                message.received_at,
+                json.dumps(message.trace),
+                HeldState.HELD,
+                message.data,
+            )
+            await insert_history(connection, message.id, message.received_at, record, ())
+            await connection.execute(
+                "INSERT INTO history_copies (message_id, position, recipients, state) VALUES ($1, 0, $2, $3)",
+                message.id,
+                list(message.recipients),
+                HistoryState.HELD,
+            )
+            if notice is not None:
+                await self._insert(connection, notice)
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+
+        await self._run(insert)
+
+    async def history(
+        self: _Transactions, limit: int, decision: str | None = None, text: str = ""
+    ) -> list[MessageHistory]:
+        async def find(connection: Connection) -> list[MessageHistory]:
+            # strpos on lower(): a plain substring, as SQLite's instr, with no LIKE wildcards to escape.
+            rows = await connection.fetch(
+                f"{SELECT_HISTORY} WHERE ($1::text IS NULL OR decision = $1)"
+                " AND ($2 = '' OR strpos(lower(subject), $2) > 0 OR strpos(lower(sender), $2) > 0"
+                " OR strpos(lower(array_to_string(recipients, E'\\n')), $2) > 0)"
+                " ORDER BY received_at DESC, entered DESC LIMIT $3",
+                decision,
+                text.lower(),
+                limit,
+            )
+            return await _history_entries(connection, rows)
+
+        return await self._read(find)
+
+    async def history_of(self: _Transactions, message_id: str) -> MessageHistory | None:
+        async def find(connection: Connection) -> MessageHistory | None:
+            rows = await connection.fetch(f"{SELECT_HISTORY} WHERE id = $1", message_id)
+            found = await _history_entries(connection, rows)
+            return found[0] if found else None
+
+        return await self._read(find)
+
+    async def forget_history(self: _Transactions, before: float) -> int:
+        async def purge(connection: Connection) -> int:
+            await connection.execute("DELETE FROM held WHERE received_at < $1 AND state != $2", before, HeldState.HELD)
+            status = await connection.execute(
+                "DELETE FROM history h WHERE received_at < $1"
+                " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = h.id)"
+                " AND NOT EXISTS (SELECT 1 FROM held WHERE held.id = h.id)",
+                before,
+            )
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self._run(purge, durable=False)
+
+    async def metrics(self: _Transactions) -> SpoolMetrics:
+        async def read(connection: Connection) -> SpoolMetrics:
+            counters = {
+                (row["name"], row["label"]): float(row["value"])
+                for row in await connection.fetch("SELECT name, label, value FROM counters")
+            }
+            queue_copies = {
+                str(state): 0 for state in (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING)
+            }
+            for row in await connection.fetch(
+                "SELECT state, attempts > 0 AS tried, count(*) AS count FROM copies GROUP BY state, attempts > 0"
+            ):
+                shown = (
+                    HistoryState.SENDING
+                    if row["state"] == CopyState.SENDING
+                    else HistoryState.DEFERRED
+                    if row["tried"]
+                    else HistoryState.QUEUED
+                )
+                queue_copies[str(shown)] += row["count"]
+            oldest = await connection.fetchval(
+                "SELECT min(received_at) FROM messages m"
+                " WHERE EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"
+            )
+            held = await connection.fetchval("SELECT count(*) FROM held WHERE state = $1", HeldState.HELD)
+            return SpoolMetrics(counters, queue_copies, oldest, held)
+
+        return await self._read(read)
+
+    async def held_messages(self: _Transactions) -> list[HeldMessage]:
+        async def find(connection: Connection) -> list[HeldMessage]:
+            rows = await connection.fetch(f"{SELECT_HELD} WHERE state = $1 ORDER BY received_at, id", HeldState.HELD)
+            return [_held(row) for row in rows]
+
+        return await self._read(find)
+
+    async def held_message(self: _Transactions, message_id: str) -> HeldMessage | None:
+        async def find(connection: Connection) -> HeldMessage | None:
+            row = await connection.fetchrow(f"{SELECT_HELD} WHERE id = $1", message_id)
+            return None if row is None else _held(row)
+
+        return await self._read(find)
+
+    async def settle_held(
+        self: _Transactions,
+        message_id: str,
+        state: HeldState,
+        replacement: NewMessage | None,
+        record: MessageRecord | None,
+    ) -> bool:
+        async def settle(connection: Connection) -> bool:
+            # Conditional: a relay deciding at the same moment waits for this row, then finds it settled.
+            settled = await connection.fetchval(
+                "UPDATE held SET state = $1, data = '' WHERE id = $2 AND state = $3 RETURNING id",
+                state,
+                message_id,
+                HeldState.HELD,
+            )
+            if settled is None:
+                return False
+            if record is not None:
+                await connection.execute(
+                    "UPDATE history SET decision = $1, reason = $2 WHERE id = $3",
+                    record.decision,
+                    record.reason,
+                    message_id,
+                )
+            if state is HeldState.RELEASED and replacement is not None:
+                await connection.execute("DELETE FROM history_copies WHERE message_id = $1", message_id)
+                await self._insert(connection, replacement)
+                await insert_history_copies(connection, message_id, replacement.copies)
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+                return True
+            ended = HistoryState.DISCARDED if state is HeldState.DISCARDED else HistoryState.BOUNCED
+            await connection.execute("UPDATE history_copies SET state = $1 WHERE message_id = $2", ended, message_id)
+            if replacement is not None:
+                await self._insert(connection, replacement)
+                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+            return True
+
+        return await self._run(settle)
+
+    async def check_writable(self: _Transactions) -> None:
+        async def touch(connection: Connection) -> None:
+            await add_counters(connection, [("health_checked_at", "", time.time())])
+
+        await self._run(touch, durable=False)

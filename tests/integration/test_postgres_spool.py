@@ -1,0 +1,165 @@
+"""What sharing a PostgreSQL spool adds: leases with fencing, disjoint claims, NOTIFY, schema versions,
+one bounce per message, and a 451 while the database is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from bench.postgres import PASSWORD, PrivateCluster
+from relay.core.replies import Reply
+from relay.spool.interface import CopyResult, Progress, SpoolWriteError
+from relay.spool.postgres import PostgresSpool
+from relay.spool.postgres_database import MIGRATIONS
+from tests.unit.test_spool import message
+
+
+async def test_a_relay_whose_lease_was_taken_over_cannot_record_over_the_new_owner(two_relays) -> None:
+    first, second = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (held,) = await first.claim_due(1000.0, 10, lease=60)
+    assert await second.claim_due(1059.0, 10, lease=60) == []
+    (taken,) = await second.claim_due(1060.0, 10, lease=60)
+    assert taken.id == held.id
+    late = CopyResult(held.id, failed=(("a@x.test", Reply(550, "5.1.1", "gone")),), sent_at=1061.0)
+    assert await first.record(late) is Progress.SENDING
+    assert await first.settled() == []
+    assert await second.record(CopyResult(taken.id, delivered=taken.recipients, sent_at=1062.0)) is Progress.DELIVERED
+
+
+async def test_a_lease_that_ran_out_untaken_still_records(two_relays) -> None:
+    first, _ = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (held,) = await first.claim_due(1000.0, 10, lease=60)
+    assert await first.record(CopyResult(held.id, delivered=held.recipients, sent_at=2000.0)) is Progress.DELIVERED
+
+
+async def test_relays_claiming_at_once_never_claim_the_same_copy(two_relays) -> None:
+    first, second = two_relays
+    for number in range(20):
+        await first.store(message(f"M{number}", [f"r{n}@x.test" for n in range(10)]))
+    claimed: list[int] = []
+    for _ in range(10):
+        batches = await asyncio.gather(
+            first.claim_due(1000.0, 15, lease=60),
+            second.claim_due(1000.0, 15, lease=60),
+        )
+        claimed += [copy.id for batch in batches for copy in batch]
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+async def test_new_mail_wakes_the_other_relay(two_relays) -> None:
+    first, second = two_relays
+    woken = asyncio.Event()
+    second.wake_on_new_mail(woken.set)
+    await asyncio.sleep(0.5)  # its listening connection is up
+    woken.clear()
+    await first.store(message("M1", ["a@x.test"]))
+    await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_two_relays_retiring_one_message_bounce_it_once(two_relays) -> None:
+    first, second = two_relays
+    await first.store(message("M1", ["a@x.test"]))
+    (copy,) = await first.claim_due(1000.0, 10, lease=60)
+    await first.record(CopyResult(copy.id, failed=(("a@x.test", Reply(550, "5.1.1", "gone")),), sent_at=1001.0))
+    assert [m.id for m in await second.settled()] == ["M1"]
+    await first.retire("M1", message("B1", ["s@x.test"]))
+    await second.retire("M1", message("B2", ["s@x.test"]))
+    assert [m.id for m in await first.summaries()] == ["B1"]
+
+
+async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    await spool.close()
+    await spool.open()  # a second start migrates nothing
+    await spool.close()
+    connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+    try:
+        versions = await connection.fetch("SELECT version FROM privacy_relay_schema ORDER BY version")
+        assert [row["version"] for row in versions] == list(range(1, len(MIGRATIONS) + 1)), "each applied once"
+        await connection.execute("INSERT INTO privacy_relay_schema VALUES ($1)", len(MIGRATIONS) + 1)
+    finally:
+        await connection.close()
+    with pytest.raises(SpoolWriteError, match="newer than this relay's"):
+        await PostgresSpool(postgres_database, PASSWORD).open()
+
+
+async def test_a_spool_of_version_1_gets_the_console_s_tables_and_keeps_its_mail(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    await spool.store(message("M1", ["a@x.test"]))
+    await spool.close()
+    connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+    try:  # as a relay from before the console left it
+        await connection.execute("DROP TABLE history_copies, history, held, counters")
+        await connection.execute("DELETE FROM privacy_relay_schema WHERE version = 2")
+    finally:
+        await connection.close()
+    await spool.open()
+    try:
+        assert [m.id for m in await spool.summaries()] == ["M1"]
+        assert await spool.history(10) == [], "mail from before the console is not in its history"
+        (copy,) = await spool.claim_due(1000.0, 10, lease=60)
+        await spool.record(CopyResult(copy.id, delivered=copy.recipients, sent_at=1001.0))
+        assert (await spool.metrics()).counters[("copies_total", "delivered")] == 1
+    finally:
+        await spool.close()
+
+
+async def test_while_the_database_is_down_new_mail_gets_451_and_then_goes_in_again(
+    make_postgres_cluster,
+) -> None:
+    cluster: PrivateCluster = make_postgres_cluster()
+    spool = PostgresSpool(cluster.url, PASSWORD)
+    await spool.open()
+    try:
+        await spool.store(message("M1", ["a@x.test"]))
+        await asyncio.to_thread(cluster.stop)
+        with pytest.raises(SpoolWriteError) as refused:
+            await spool.store(message("M2", ["b@x.test"]))
+        assert (refused.value.code, refused.value.enhanced) == (451, "4.3.0")
+        await asyncio.to_thread(cluster.start)
+        stored = None
+        for _ in range(50):
+            try:
+                stored = await spool.store(message("M3", ["c@x.test"]))
+                break
+            except SpoolWriteError:
+                await asyncio.sleep(0.1)  # a connection the restart cut is replaced at the next call
+        assert stored is not None
+        assert [m.id for m in await spool.summaries()] == ["M1", "M3"]
+    finally:
+        await spool.close()
+
+
+async def test_copies_of_one_message_recorded_at_once_forget_it_exactly_once(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    try:
+        await spool.store(message("M1", [f"r{n}@x.test" for n in range(10)]))
+        copies = await spool.claim_due(1000.0, 10, lease=60)
+        progress = await asyncio.gather(
+            *(spool.record(CopyResult(c.id, delivered=c.recipients, sent_at=1001.0)) for c in copies)
+        )
+        assert progress.count(Progress.DELIVERED) == 1
+        assert await spool.summaries() == []
+    finally:
+        await spool.close()
+
+
+async def test_relays_sharing_the_spool_take_sends_within_one_rate_limit(two_relays) -> None:
+    first, second = two_relays
+    for number in range(8):
+        await first.store(message(f"M{number}", [f"r{number}@x.test"]))
+    mine = await first.claim_due(1000.0, 4, lease=60)
+    theirs = await second.claim_due(1000.0, 4, lease=60)
+    assert await first.take_sends(1000.0, mine, per_minute=5, per_day=None) == (4, 0.0)
+    granted, wait = await second.take_sends(1010.0, theirs, per_minute=5, per_day=None)
+    assert granted == 1 and wait == pytest.approx(50.0)
+    # A result of a copy whose send was counted at the start does not count it again.
+    await first.record(CopyResult(mine[0].id, delivered=mine[0].recipients, sent_at=1001.0))
+    assert len(await first.recent_sends(0)) == 5
