@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-postgres", action="store_true", help="skip two relays on a PostgreSQL spool (in W1 and W2)"
     )
+    parser.add_argument(
+        "--targets",
+        default="sink,direct,spool,postgres,postfix",
+        help="comma-separated subset of the rows: sink, direct, spool (one relay), postgres (two relays), postfix",
+    )
     parser.add_argument("--workers", type=int, default=None, help="RELAY_LISTEN_WORKERS for the relay")
     parser.add_argument(
         "--relay-setting",
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (60.0 if args.smoke else 600.0)
     use_smtp_sink = args.tools == "auto" and smtp_sink_available()
     use_smtp_source = args.tools == "auto" and smtp_source_available()
-    with_postfix = not args.no_postfix and postfix_available() and os.geteuid() == 0
+    with_postfix = (
+        not args.no_postfix and "postfix" in args.targets.split(",") and postfix_available() and os.geteuid() == 0
+    )
     workers = args.workers if args.workers is not None and supports_workers() else None
     spool = spool_mode()
     settings = dict(item.split("=", 1) for item in args.relay_setting)
@@ -100,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     def start_sink_itself(root: Path, sink: Sink) -> Target:
         return SinkItself(sink)
 
-    kinds = [TargetKind("sink", start_sink_itself, lambda workload: workload.messages)]
-    kinds.append(relay_kind("direct", RELAY_DIRECT))
+    rows = set(args.targets.split(","))
+    kinds = [TargetKind("sink", start_sink_itself, lambda workload: workload.messages)] if "sink" in rows else []
+    if "direct" in rows:
+        kinds.append(relay_kind("direct", RELAY_DIRECT))
     spool_name = f"relay {spool}" if spool else "relay spool"
-    if spool:
+    if spool and "spool" in rows:
         kinds.append(relay_kind(spool, spool_name))
-    with_postgres = bool(spool) and not args.no_postgres and shared_spool_available()
+    with_postgres = bool(spool) and "postgres" in rows and not args.no_postgres and shared_spool_available()
     if with_postgres:
         kinds.append(
             TargetKind(

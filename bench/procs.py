@@ -53,15 +53,25 @@ def start_session(
 
 
 def session_members(session_id: int) -> list[int]:
-    """Every live process in the session (zombies excluded): a server and the workers or daemons it started."""
-    members = []
+    """Every live process in the session (zombies excluded): a server and the workers or daemons it started,
+    and their descendants that left it (PostgreSQL's backends and daemons each call setsid)."""
+    parents: dict[int, int] = {}
+    members = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         stat = _read_stat(int(entry))
-        if stat is not None and int(stat[3]) == session_id and stat[0] != "Z":
-            members.append(int(entry))
-    return members
+        if stat is None or stat[0] == "Z":
+            continue
+        parents[int(entry)] = int(stat[1])
+        if int(stat[3]) == session_id:
+            members.add(int(entry))
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in members} - members
+        members |= children
+        grown = bool(children)
+    return sorted(members)
 
 
 def kill_session(session_id: int) -> None:

@@ -20,7 +20,7 @@ class Watch:
     failed: dict[str, Reply] = field(default_factory=dict)
     deferred: int = 0
     settled: bool = False
-    # Every copy delivered: the spool has already forgotten the message, nothing is left to retire.
+    # Every copy delivered: the spool forgets the message, nothing is left to retire.
     forgotten: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 

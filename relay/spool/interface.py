@@ -67,7 +67,7 @@ class Progress(enum.Enum):
     """Where a message stands after an attempt's result is stored."""
 
     SENDING = "sending"  # copies left to send
-    DELIVERED = "delivered"  # every copy delivered: the message is already forgotten
+    DELIVERED = "delivered"  # every copy delivered: the spool forgets the message, nothing is left to retire
     SETTLED = "settled"  # nothing left to send, failures to bounce: retire() comes next
 
 

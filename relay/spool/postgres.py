@@ -8,11 +8,12 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
   nobody unlocks anything by hand.
 - New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
 - A message is acknowledged (250) only once it is committed (relay/spool/postgres_database.py says
-  how durably). A message and its copies are one statement, a copy's result is one statement (and a
-  second to forget the message after its last copy): round trips are what a shared spool costs.
+  how durably). A message, its copies and its history are one statement; the results of attempts are
+  recorded together, one statement for all that are waiting (relay/spool/postgres_results.py): round
+  trips and commits are what a shared spool costs.
 - upstream.rate_limit is one count in the database for every relay (take_sends).
 - The console's history, held messages and totals (relay/spool/postgres_history.py) are written in the
-  transactions that store a message and record each attempt: every relay's console shows all relays' mail.
+  statements that store a message and record each attempt: every relay's console shows all relays' mail.
 """
 
 from __future__ import annotations
@@ -42,43 +43,49 @@ from relay.spool.interface import (
 )
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
 from relay.spool.postgres_history import (
-    RECORD_ATTEMPT,
+    STORE_HISTORY,
     PostgresConsoleQueries,
-    attempt_parameters,
-    insert_history,
-    mark_claimed,
+    fold_counters,
+    history_parameters,
     mark_discarded,
 )
+from relay.spool.postgres_results import ResultRecorder
 
 _T = TypeVar("_T")
 
 SENDS_LOCK = 0x70726977  # pg_advisory_xact_lock key: relays taking sends within upstream.rate_limit take turns
-# record(): the copy's row, only while this relay's lease stands ($1 copy, $2 owner, $3 fence).
-_FORGET_COPY = (
-    "DELETE FROM copies WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
+# store(): the message and its copies ($1 to $16), the channel to NOTIFY or NULL ($17), and with STORE_HISTORY ($18 on)
+# its history. The copies go in claimed (by this relay, fence 1) or queued, as the listener asks.
+_STORE_MESSAGE = (
+    "WITH message AS (INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body,"
+    " copies_left) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id),"
+    " copy AS (INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
+    " fence) SELECT message.id, c.position, c.kind, string_to_array(c.recipients, E'\\n'), c.headers, c.state,"
+    " c.next_attempt, c.owner, c.fence FROM message, unnest($9::integer[], $10::text[], $11::text[], $12::bytea[],"
+    " $13::text[], $14::float8[], $15::text[], $16::bigint[])"
+    " AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
+    " RETURNING id, position),"
 )
-_KEEP_FOR_RETRY = (
-    "UPDATE copies SET state = $21, recipients = $22, next_attempt = $23, last_code = $24, last_enhanced = $25,"
-    " last_text = $26, attempts = attempts + $12, lease_owner = NULL"
-    " WHERE id = $1 AND lease_owner = $2 AND fence = $3 RETURNING message_id, headers, position"
+_STORE_RESULT = (
+    " woken AS (SELECT CASE WHEN $17::text IS NOT NULL THEN pg_notify($17, '') END)"
+    " SELECT id, position FROM copy, woken"
 )
-# The rest of record(): the send counted (sends older than a day go), the failures kept, and the message
-# counted down when the copy is done ($4 sent_at, $5 recipients delivered, $6 to $9 the failed recipients and
-# their replies' codes, enhanced statuses and texts, $10 1 when the copy is done).
-_RECORD_REST = (
-    "), expired AS (DELETE FROM sends WHERE sent_at < $4 - 86400),"  # a day: as far back as rate limits look
-    " sent AS (INSERT INTO sends (sent_at, recipients) SELECT $4, $5 FROM copy WHERE $5 > 0),"
-    " failures AS (INSERT INTO failures (message_id, recipient, code, enhanced, text, headers)"
-    " SELECT copy.message_id, f.recipient, f.code, f.enhanced, f.text, copy.headers FROM copy,"
-    " unnest($6::text[], $7::integer[], $8::text[], $9::text[]) AS f(recipient, code, enhanced, text)),"
-    " message AS (UPDATE messages m SET copies_left = copies_left - $10::integer,"
-    " failed = failed OR cardinality($6::text[]) > 0 FROM copy WHERE m.id = copy.message_id"
-    " RETURNING m.id, m.copies_left, m.failed, m.received_at, m.upstream),"
+_STORE = _STORE_MESSAGE + _STORE_RESULT
+_STORE_WITH_HISTORY = _STORE_MESSAGE + STORE_HISTORY + _STORE_RESULT
+# claim_due(): due copies ($1 now, $2 at most) leased to this relay ($3 sending, $4 the lease's end, $5 owner),
+# shown as being sent in the history. SKIP LOCKED: relays claiming at the same moment take different copies
+# instead of waiting.
+_CLAIM = (
+    "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
+    " FOR UPDATE SKIP LOCKED),"
+    " claimed AS (UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
+    " FROM due, messages m WHERE c.id = due.id AND m.id = c.message_id"
+    " RETURNING c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts, c.fence,"
+    " m.mail_from, m.smtputf8, m.upstream, m.received_at),"
+    " shown AS (UPDATE history_copies h SET state = $3 FROM claimed"
+    " WHERE h.message_id = claimed.message_id AND h.position = claimed.position)"
+    " SELECT * FROM claimed"
 )
-# What record() reads back: where the message stands.
-_RECORD_RESULT = " SELECT id, copies_left, failed FROM message"
-_RECORD_LAST = "WITH copy AS (" + _FORGET_COPY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
-_RECORD_RETRY = "WITH copy AS (" + _KEEP_FOR_RETRY + _RECORD_REST + RECORD_ATTEMPT + _RECORD_RESULT
 
 
 class PostgresSpool(PostgresConsoleQueries):
@@ -92,6 +99,7 @@ class PostgresSpool(PostgresConsoleQueries):
         self._fences: dict[int, int] = {}
         # Copies whose send take_sends() counted already: their result does not count it again.
         self._counted: set[int] = set()
+        self._results = ResultRecorder(self._db, self.owner)
         self.log = structlog.get_logger("relay")
 
     @property
@@ -102,6 +110,8 @@ class PostgresSpool(PostgresConsoleQueries):
     async def open(self) -> None:
         """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
         await self._db.open()
+        # Totals left by the connections of relays that have stopped since.
+        await self._db.statements(fold_counters, durable=False)
 
     def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
         """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
@@ -116,33 +126,22 @@ class PostgresSpool(PostgresConsoleQueries):
     async def store(
         self, message: NewMessage, committed: Callable[[tuple[int, ...]], None] | None = None
     ) -> tuple[int, ...]:
-        async def insert(connection: Connection) -> tuple[int, ...]:
-            ids = await self._insert(connection, message)
-            if message.claimed < len(message.copies):
-                # Sent after the commit: a relay it wakes finds the copies there.
-                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
-            return ids
-
-        ids = await self._db.run(insert)
+        # Sent at the commit: a relay it wakes finds the copies there.
+        notify = message.claimed < len(message.copies)
+        ids = await self._db.statements(lambda connection: self._insert(connection, message, notify))
         # Committed means durable here: the callback and the return come together.
         if committed is not None:
             committed(ids)
         return ids
 
-    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]:
-        """The message and its copies in one statement (and its history); their ids in order."""
+    async def _insert(self, connection: Connection, message: NewMessage, notify: bool = False) -> tuple[int, ...]:
+        """The message, its copies and its history in one statement (one round trip, its own transaction
+        unless the caller opened one); the copies' ids in order. notify: wake the relays that listen."""
         copies = message.copies
         first_claimed = [position < message.claimed for position in range(len(copies))]
+        history = () if message.record is None else history_parameters(message.record, copies, message.claimed)
         rows = await connection.fetch(
-            "WITH message AS (INSERT INTO messages (id, mail_from, smtputf8, upstream, is_bounce, received_at, body,"
-            " copies_left) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)"
-            " INSERT INTO copies (message_id, position, kind, recipients, headers, state, next_attempt, lease_owner,"
-            " fence) SELECT message.id, c.position, c.kind, string_to_array(c.recipients, E'\\n'), c.headers, c.state,"
-            " c.next_attempt,"
-            " c.owner, c.fence FROM message, unnest($9::integer[], $10::text[], $11::text[], $12::bytea[],"
-            " $13::text[], $14::float8[], $15::text[], $16::bigint[])"
-            " AS c(position, kind, recipients, headers, state, next_attempt, owner, fence)"
-            " RETURNING id, position",
+            _STORE if message.record is None else _STORE_WITH_HISTORY,
             message.id,
             message.mail_from,
             message.smtputf8,
@@ -160,12 +159,10 @@ class PostgresSpool(PostgresConsoleQueries):
             [message.claimed_until if claimed else message.received_at for claimed in first_claimed],
             [self.owner if claimed else None for claimed in first_claimed],
             [int(claimed) for claimed in first_claimed],
+            NEW_MAIL_CHANNEL if notify else None,
+            *history,
         )
         ids = tuple(row["id"] for row in sorted(rows, key=lambda row: row["position"]))
-        if message.record is not None:
-            await insert_history(
-                connection, message.id, message.received_at, message.record, message.copies, message.claimed
-            )
         self._fences.update((copy_id, 1) for copy_id in ids[: message.claimed])
         return ids
 
@@ -176,24 +173,9 @@ class PostgresSpool(PostgresConsoleQueries):
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
         async def claim(connection: Connection) -> list[asyncpg.Record]:
-            # SKIP LOCKED: relays claiming at the same moment take different copies instead of waiting.
-            claimed = await connection.fetch(
-                "WITH due AS (SELECT id FROM copies WHERE next_attempt <= $1 ORDER BY next_attempt, id LIMIT $2"
-                " FOR UPDATE SKIP LOCKED)"
-                " UPDATE copies c SET state = $3, next_attempt = $4, lease_owner = $5, fence = c.fence + 1"
-                " FROM due, messages m WHERE c.id = due.id AND m.id = c.message_id"
-                " RETURNING c.id, c.message_id, c.position, c.kind, c.recipients, c.headers, c.attempts, c.fence,"
-                " m.mail_from, m.smtputf8, m.upstream, m.received_at",
-                now,
-                limit,
-                CopyState.SENDING,
-                now + lease,
-                self.owner,
-            )
-            await mark_claimed(connection, [(row["message_id"], row["position"]) for row in claimed])
-            return claimed
+            return await connection.fetch(_CLAIM, now, limit, CopyState.SENDING, now + lease, self.owner)
 
-        rows = await self._db.run(claim, durable=False)
+        rows = await self._db.statements(claim, durable=False)
         # Kept once committed: a claim that failed holds nothing.
         self._fences.update((row["id"], row["fence"]) for row in rows)
         return [
@@ -251,54 +233,7 @@ class PostgresSpool(PostgresConsoleQueries):
         fence = self._fences.pop(result.copy_id, None)
         counted = result.copy_id in self._counted
         self._counted.discard(result.copy_id)
-        failed = [recipient for recipient, _ in result.failed]
-        replies = [reply for _, reply in result.failed]
-        delivered = len(result.delivered)
-        last = result.last_reply
-
-        async def update(connection: Connection) -> Progress:
-            # One statement, which only touches the copy while this relay's lease on it stands. It keeps
-            # the failures and counts the send; a retry puts the copy back, a last result counts the
-            # message's copies down.
-            row = await connection.fetchrow(
-                _RECORD_RETRY if result.retry else _RECORD_LAST,
-                result.copy_id,
-                self.owner,
-                fence,
-                result.sent_at,
-                0 if counted else delivered,
-                failed,
-                [reply.code for reply in replies],
-                [reply.enhanced for reply in replies],
-                [reply.text for reply in replies],
-                0 if result.retry else 1,
-                *attempt_parameters(result),
-                *(
-                    (
-                        CopyState.QUEUED,
-                        list(result.retry),
-                        result.next_attempt,
-                        *((None, None, None) if last is None else (last.code, last.enhanced, last.text)),
-                    )
-                    if result.retry
-                    else ()
-                ),
-            )
-            if row is None:
-                # Deleted with `queue delete`, or our lease ran out and another relay claimed the copy:
-                # its result, not this late one, stands.
-                self.log.warning("spool.result_not_recorded", copy=result.copy_id, owner=self.owner)
-                return Progress.SENDING
-            if result.retry or row["copies_left"] > 0:
-                return Progress.SENDING
-            if row["failed"]:
-                return Progress.SETTLED
-            # Every copy delivered: the recipient list goes now. (Lost to a crash here, the message is
-            # found settled with nothing to bounce, and retired then.)
-            await connection.execute("DELETE FROM messages WHERE id = $1 AND copies_left = 0", row["id"])
-            return Progress.DELIVERED
-
-        return await self._db.statements(update, durable=False)
+        return await self._results.record(result, fence, counted)
 
     async def take_sends(
         self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
@@ -329,7 +264,7 @@ class PostgresSpool(PostgresConsoleQueries):
             deleted = await connection.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", message_id)
             # Another relay retired it first (and bounced it): one bounce, not one per relay.
             if deleted is not None and replacement is not None:
-                await self._insert(connection, replacement)
+                await self._insert(connection, replacement, notify=True)
 
         await self._db.run(swap)
 
@@ -370,6 +305,7 @@ class PostgresSpool(PostgresConsoleQueries):
         return await self._db.run(remove)
 
     async def close(self) -> None:
+        await self._results.close()
         await self._db.close()
 
 

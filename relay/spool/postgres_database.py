@@ -112,6 +112,14 @@ MIGRATIONS = (
         PRIMARY KEY (name, label)
     );
 """,
+    # 3: a row per total and database connection (its backend's pid: shard), so that relays counting at
+    # the same moment never wait for each other's row; /metrics adds them up (the latest, for a gauge),
+    # and fold_counters() merges the rows of connections that have ended into shard 0.
+    """
+    ALTER TABLE counters ADD COLUMN shard integer NOT NULL DEFAULT 0,
+        ADD COLUMN at double precision NOT NULL DEFAULT 0;  -- when a gauge was set
+    ALTER TABLE counters DROP CONSTRAINT counters_pkey, ADD PRIMARY KEY (name, label, shard);
+""",
 )
 SCHEMA_LOCK = 0x70726976  # pg_advisory_xact_lock key: relays starting together migrate one at a time
 NEW_MAIL_CHANNEL = "privacy_relay_due"
@@ -182,6 +190,7 @@ class Database:
             max_size=POOL_SIZE,
             command_timeout=COMMAND_TIMEOUT,
             server_settings=settings,
+            reset=_keep_session,
         )
 
     async def _migrate(self, connection: Connection) -> None:
@@ -269,6 +278,11 @@ class Database:
                 await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
             except (TimeoutError, *_UNAVAILABLE):
                 pool.terminate()
+
+
+async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """A connection back in its pool needs no reset query (a round trip per use): no work here LISTENs,
+    SETs, opens a cursor or takes a session lock. asyncpg still rolls back a transaction left open."""
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:

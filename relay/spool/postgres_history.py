@@ -21,9 +21,7 @@ from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
 from relay.spool.history import SELECT_HELD, SELECT_HISTORY
 from relay.spool.interface import (
-    DELIVERY_SECONDS_BUCKETS,
     CopyHistory,
-    CopyResult,
     CopyState,
     HeldMessage,
     HeldState,
@@ -32,48 +30,49 @@ from relay.spool.interface import (
     NewMessage,
     SpoolMetrics,
 )
-from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection
+from relay.spool.postgres_database import Connection
 
 _T = TypeVar("_T")
-# The part of PostgresSpool.record()'s statement that keeps the copy's state in the history and the totals
-# for /metrics, after its CTEs `copy` (message_id, position) and `message` (received_at, upstream); the
-# parameters from $11 are attempt_parameters()'. Rows in key order, so relays counting at once lock the
-# same rows in the same order and never deadlock.
-RECORD_ATTEMPT = (
-    " shown AS (UPDATE history_copies h SET state = $11, attempts = h.attempts + $12, last_code = $13,"
-    " last_enhanced = $14, last_text = $15, next_attempt = $16 FROM copy"
-    " WHERE h.message_id = copy.message_id AND h.position = copy.position),"
-    " counted AS (INSERT INTO counters (name, label, value) SELECT c.name, c.label, c.value FROM message,"
-    " LATERAL (SELECT greatest(0, $4 - message.received_at) AS seconds,"
-    " coalesce(message.upstream, 'default') AS upstream) AS m,"
-    " LATERAL (VALUES ('copies_total', $11::text, 1.0::float8, $12 > 0),"
-    " ('upstream_up', m.upstream, $17::float8, $12 > 0),"
-    " ('upstream_last_delivery', m.upstream, $4, $18::boolean),"
-    " ('delivery_seconds_bucket', coalesce((SELECT b.label FROM unnest($19::float8[], $20::text[]) AS b(bound, label)"
-    " WHERE m.seconds <= b.bound ORDER BY b.bound LIMIT 1), '+Inf'), 1.0, $18),"
-    " ('delivery_seconds_count', '', 1.0, $18), ('delivery_seconds_sum', '', m.seconds, $18))"
-    " AS c(name, label, value, wanted) WHERE c.wanted ORDER BY c.name, c.label"
-    " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
+# Totals that a later value replaces instead of adding to.
+GAUGES = ("upstream_up", "upstream_last_delivery", "health_checked_at")
+# Each database connection adds to its own row of a total (shard: its backend's pid), so relays counting at
+# the same moment never wait for one another's row lock, the hot spot of a shared spool; metrics() adds the
+# rows up, and takes a gauge's latest.
+COUNTER_UPSERT = (
+    " ON CONFLICT (name, label, shard) DO UPDATE SET value = CASE"
     " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
-    " ELSE counters.value + excluded.value END)"
+    " ELSE counters.value + excluded.value END, at = excluded.at"
 )
-
-
-def attempt_parameters(result: CopyResult) -> tuple[object, ...]:
-    """$11 to $20 of RECORD_ATTEMPT: the copy's state in the history, its reply, and what the totals add."""
-    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
-    shown = result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
-    return (
-        state,
-        int(result.counts_as_attempt),
-        *((None, None, None) if shown is None else (shown.code, shown.enhanced, shown.text)),
-        result.next_attempt if result.retry else None,
-        float(result.reached_upstream),
-        bool(result.delivered),
-        list(DELIVERY_SECONDS_BUCKETS),
-        # The labels /metrics reads back, as SQLite's spool writes them.
-        [repr(bound) for bound in DELIVERY_SECONDS_BUCKETS],
-    )
+# The history of a message stored with its copies, in the statement that stores it (PostgresSpool._insert):
+# $1 its id, $6 received_at, $9 the copies' positions, $11 their recipients, then $18 to $23.
+STORE_HISTORY = (
+    " entry AS (INSERT INTO history (id, received_at, sender, subject, recipients, decision, reason)"  # noqa: S608
+    " VALUES ($1, $6, $18, $19, $20, $21, $22)),"
+    " shown AS (INSERT INTO history_copies (message_id, position, recipients, state)"
+    " SELECT $1, c.position, string_to_array(c.recipients, E'\\n'), c.state"
+    " FROM unnest($9::integer[], $11::text[], $23::text[]) AS c(position, recipients, state)),"
+    " decided AS (INSERT INTO counters (name, label, shard, value, at)"
+    " VALUES ('messages_total', $21, pg_backend_pid(), 1.0, $6)" + COUNTER_UPSERT + "),"
+)
+# Rows of connections that have ended, merged into shard 0 (a relay's start and the console's hourly purge),
+# so the table stays a few rows per live connection however often connections come and go.
+_FOLD_COUNTERS = (
+    "WITH gone AS (DELETE FROM counters WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity)"
+    " RETURNING name, label, value, at),"
+    " folded AS ((SELECT name, label, sum(value) AS value, max(at) AS at FROM gone"
+    " WHERE name <> ALL($1::text[]) GROUP BY name, label)"
+    " UNION ALL (SELECT DISTINCT ON (name, label) name, label, value, at FROM gone"
+    " WHERE name = ANY($1::text[]) ORDER BY name, label, at DESC))"
+    " INSERT INTO counters (name, label, shard, value, at) SELECT name, label, 0, value, at FROM folded"
+    " ON CONFLICT (name, label, shard) DO UPDATE SET value = CASE WHEN counters.name = ANY($1::text[])"
+    " THEN CASE WHEN excluded.at >= counters.at THEN excluded.value ELSE counters.value END"
+    " ELSE counters.value + excluded.value END, at = greatest(counters.at, excluded.at)"
+)
+_READ_COUNTERS = (
+    "(SELECT name, label, sum(value) AS value FROM counters WHERE name <> ALL($1::text[]) GROUP BY name, label)"
+    " UNION ALL (SELECT DISTINCT ON (name, label) name, label, value FROM counters"
+    " WHERE name = ANY($1::text[]) ORDER BY name, label, at DESC)"
+)
 
 
 _WAITING = (HistoryState.QUEUED, HistoryState.SENDING, HistoryState.DEFERRED)
@@ -86,36 +85,43 @@ class _Transactions(Protocol):
 
     async def _read(self, work: Callable[[Connection], Awaitable[_T]]) -> _T: ...
 
-    async def _insert(self, connection: Connection, message: NewMessage) -> tuple[int, ...]: ...
+    async def _insert(self, connection: Connection, message: NewMessage, notify: bool = False) -> tuple[int, ...]: ...
 
 
 async def add_counters(connection: Connection, values: Sequence[tuple[str, str, float]]) -> None:
-    """Add to the totals (gauges: replace them), in one statement and in key order, so that relays updating
-    the same rows at once take their locks in the same order and never deadlock."""
+    """Add to the totals (gauges: replace them), in one statement."""
     if not values:
         return
-    ordered = sorted(values)
-    # Totals add up; gauges (the upstream's state, the health check's time) replace the value before.
     await connection.execute(
-        "INSERT INTO counters (name, label, value) SELECT * FROM unnest($1::text[], $2::text[], $3::float8[])"
-        " ON CONFLICT (name, label) DO UPDATE SET value = CASE"
-        " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
-        " ELSE counters.value + excluded.value END",
-        [name for name, _, _ in ordered],
-        [label for _, label, _ in ordered],
-        [value for _, _, value in ordered],
+        "INSERT INTO counters (name, label, shard, value, at)"  # noqa: S608
+        " SELECT name, label, pg_backend_pid(), value, $4 FROM unnest($1::text[], $2::text[], $3::float8[])"
+        " AS c(name, label, value)" + COUNTER_UPSERT,
+        [name for name, _, _ in values],
+        [label for _, label, _ in values],
+        [value for _, _, value in values],
+        time.time(),
     )
 
 
-async def insert_history(
-    connection: Connection,
-    message_id: str,
-    received_at: float,
-    record: MessageRecord,
-    copies: Sequence[OutgoingCopy],
-    claimed: int = 0,
-) -> None:
-    """What the console shows of a message, with a row per copy, and the count of its decision."""
+async def fold_counters(connection: Connection) -> None:
+    await connection.execute(_FOLD_COUNTERS, list(GAUGES))
+
+
+def history_parameters(record: MessageRecord, copies: Sequence[OutgoingCopy], claimed: int) -> tuple[object, ...]:
+    """$18 to $23 of STORE_HISTORY."""
+    return (
+        record.sender,
+        record.subject,
+        list(record.recipients),
+        record.decision,
+        record.reason,
+        [HistoryState.SENDING if position < claimed else HistoryState.QUEUED for position in range(len(copies))],
+    )
+
+
+async def insert_history(connection: Connection, message_id: str, received_at: float, record: MessageRecord) -> None:
+    """What the console shows of a message stored without copies (held, or remembered), and the count of its
+    decision. (A message stored with its copies writes the same in its one statement: STORE_HISTORY.)"""
     await connection.execute(
         "INSERT INTO history (id, received_at, sender, subject, recipients, decision, reason)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -127,13 +133,10 @@ async def insert_history(
         record.decision,
         record.reason,
     )
-    await insert_history_copies(connection, message_id, copies, claimed)
     await add_counters(connection, [("messages_total", record.decision, 1.0)])
 
 
-async def insert_history_copies(
-    connection: Connection, message_id: str, copies: Sequence[OutgoingCopy], claimed: int = 0
-) -> None:
+async def insert_history_copies(connection: Connection, message_id: str, copies: Sequence[OutgoingCopy]) -> None:
     if not copies:
         return
     # Recipients are never empty and hold no line break (SMTP forbids both): one text each here.
@@ -144,20 +147,8 @@ async def insert_history_copies(
         message_id,
         list(range(len(copies))),
         ["\n".join(copy.recipients) for copy in copies],
-        [HistoryState.SENDING if position < claimed else HistoryState.QUEUED for position in range(len(copies))],
+        [HistoryState.QUEUED] * len(copies),
     )
-
-
-async def mark_claimed(connection: Connection, claimed: list[tuple[str, int]]) -> None:
-    """(message id, position) of copies claimed for sending."""
-    if claimed:
-        await connection.execute(
-            "UPDATE history_copies h SET state = $1 FROM unnest($2::text[], $3::integer[]) AS c(message_id, position)"
-            " WHERE h.message_id = c.message_id AND h.position = c.position",
-            HistoryState.SENDING,
-            [message_id for message_id, _ in claimed],
-            [position for _, position in claimed],
-        )
 
 
 async def mark_discarded(connection: Connection, message_id: str) -> None:
@@ -213,7 +204,7 @@ class PostgresConsoleQueries:
 
     async def remember(self: _Transactions, message_id: str, received_at: float, record: MessageRecord) -> None:
         async def insert(connection: Connection) -> None:
-            await insert_history(connection, message_id, received_at, record, ())
+            await insert_history(connection, message_id, received_at, record)
 
         await self._run(insert, durable=False)
 
@@ -231,7 +222,7 @@ class PostgresConsoleQueries:
                 HeldState.HELD,
                 message.data,
             )
-            await insert_history(connection, message.id, message.received_at, record, ())
+            await insert_history(connection, message.id, message.received_at, record)
             await connection.execute(
                 "INSERT INTO history_copies (message_id, position, recipients, state) VALUES ($1, 0, $2, $3)",
                 message.id,
@@ -239,8 +230,7 @@ class PostgresConsoleQueries:
                 HistoryState.HELD,
             )
             if notice is not None:
-                await self._insert(connection, notice)
-                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+                await self._insert(connection, notice, notify=True)
 
         await self._run(insert)
 
@@ -272,6 +262,7 @@ class PostgresConsoleQueries:
 
     async def forget_history(self: _Transactions, before: float) -> int:
         async def purge(connection: Connection) -> int:
+            await fold_counters(connection)
             await connection.execute("DELETE FROM held WHERE received_at < $1 AND state != $2", before, HeldState.HELD)
             status = await connection.execute(
                 "DELETE FROM history h WHERE received_at < $1"
@@ -287,7 +278,7 @@ class PostgresConsoleQueries:
         async def read(connection: Connection) -> SpoolMetrics:
             counters = {
                 (row["name"], row["label"]): float(row["value"])
-                for row in await connection.fetch("SELECT name, label, value FROM counters")
+                for row in await connection.fetch(_READ_COUNTERS, list(GAUGES))
             }
             queue_copies = {
                 str(state): 0 for state in (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING)
@@ -352,15 +343,13 @@ class PostgresConsoleQueries:
                 )
             if state is HeldState.RELEASED and replacement is not None:
                 await connection.execute("DELETE FROM history_copies WHERE message_id = $1", message_id)
-                await self._insert(connection, replacement)
+                await self._insert(connection, replacement, notify=True)
                 await insert_history_copies(connection, message_id, replacement.copies)
-                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
                 return True
             ended = HistoryState.DISCARDED if state is HeldState.DISCARDED else HistoryState.BOUNCED
             await connection.execute("UPDATE history_copies SET state = $1 WHERE message_id = $2", ended, message_id)
             if replacement is not None:
-                await self._insert(connection, replacement)
-                await connection.execute("SELECT pg_notify($1, '')", NEW_MAIL_CHANNEL)
+                await self._insert(connection, replacement, notify=True)
             return True
 
         return await self._run(settle)

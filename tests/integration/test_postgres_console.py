@@ -9,6 +9,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncpg
+
+from bench.postgres import PASSWORD
 from relay.delivery.holding import Holding
 from relay.spool.interface import CopyResult, HeldState
 from relay.spool.postgres import PostgresSpool
@@ -127,3 +130,39 @@ def test_while_the_database_is_down_the_console_says_so_and_then_works_again(
     # A connection the restart cut is replaced at the next call.
     assert wait_until(lambda: running.client.get("/api/messages").status == 200)
     assert running.client.get("/healthz").status == 200
+
+
+async def test_totals_of_connections_that_ended_are_folded_and_kept(postgres_database: str) -> None:
+    spools = [PostgresSpool(postgres_database, PASSWORD) for _ in range(2)]
+    for spool in spools:
+        await spool.open()
+    try:
+        for number, spool in enumerate(spools):
+            await spool.store(message(f"M{number}"))
+            while copies := await spool.claim_due(1000.0, 1, lease=60):
+                await spool.record(CopyResult(copies[0].id, delivered=copies[0].recipients, sent_at=1001.0 + number))
+        before = (await spools[1].metrics()).counters
+        connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+        try:
+            live = "SELECT count(DISTINCT shard) FROM counters WHERE shard <> 0"
+            shards_before = await connection.fetchval(live)
+            await spools[0].close()
+            for _ in range(100):  # until the closed relay's backends have exited
+                await spools[1].forget_history(0.0)
+                if await connection.fetchval(live) < shards_before:
+                    break
+                await asyncio.sleep(0.05)
+            dead = await connection.fetchval(
+                "SELECT count(*) FROM counters WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity)"
+            )
+            folded = await connection.fetchval("SELECT count(*) FROM counters WHERE shard = 0")
+        finally:
+            await connection.close()
+        assert dead == 0 and folded > 0, "the closed relay's rows are merged into shard 0"
+        after = (await spools[1].metrics()).counters
+        assert after == before
+        assert after[("copies_total", "delivered")] == 4
+        assert after[("upstream_last_delivery", "default")] == 1002.0, "a gauge keeps its latest value"
+    finally:
+        for spool in spools:
+            await spool.close()

@@ -96,7 +96,7 @@ async def test_a_spool_of_version_1_gets_the_console_s_tables_and_keeps_its_mail
     connection = await asyncpg.connect(postgres_database, password=PASSWORD)
     try:  # as a relay from before the console left it
         await connection.execute("DROP TABLE history_copies, history, held, counters")
-        await connection.execute("DELETE FROM privacy_relay_schema WHERE version = 2")
+        await connection.execute("DELETE FROM privacy_relay_schema WHERE version >= 2")
     finally:
         await connection.close()
     await spool.open()
@@ -106,6 +106,35 @@ async def test_a_spool_of_version_1_gets_the_console_s_tables_and_keeps_its_mail
         (copy,) = await spool.claim_due(1000.0, 10, lease=60)
         await spool.record(CopyResult(copy.id, delivered=copy.recipients, sent_at=1001.0))
         assert (await spool.metrics()).counters[("copies_total", "delivered")] == 1
+    finally:
+        await spool.close()
+
+
+async def test_a_spool_of_version_2_keeps_its_totals_in_the_counters_of_each_connection(postgres_database: str) -> None:
+    spool = PostgresSpool(postgres_database, PASSWORD)
+    await spool.open()
+    await spool.close()
+    connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+    try:  # as a relay from before the counters had a row per connection left them
+        await connection.execute(
+            "ALTER TABLE counters DROP CONSTRAINT counters_pkey, DROP COLUMN shard, DROP COLUMN at,"
+            " ADD PRIMARY KEY (name, label)"
+        )
+        await connection.execute("DELETE FROM privacy_relay_schema WHERE version >= 3")
+        await connection.execute(
+            "INSERT INTO counters (name, label, value)"
+            " VALUES ('copies_total', 'delivered', 5), ('upstream_up', 'default', 0)"
+        )
+    finally:
+        await connection.close()
+    await spool.open()
+    try:
+        await spool.store(message("M1", ["a@x.test"]))
+        (copy,) = await spool.claim_due(1000.0, 10, lease=60)
+        await spool.record(CopyResult(copy.id, delivered=copy.recipients, sent_at=1001.0))
+        counters = (await spool.metrics()).counters
+        assert counters[("copies_total", "delivered")] == 6
+        assert counters[("upstream_up", "default")] == 1, "a gauge is its latest value, not a sum"
     finally:
         await spool.close()
 
@@ -146,6 +175,10 @@ async def test_copies_of_one_message_recorded_at_once_forget_it_exactly_once(pos
             *(spool.record(CopyResult(c.id, delivered=c.recipients, sent_at=1001.0)) for c in copies)
         )
         assert progress.count(Progress.DELIVERED) == 1
+        for _ in range(100):  # deleted by the recorder's next statement
+            if not await spool.summaries():
+                break
+            await asyncio.sleep(0.02)
         assert await spool.summaries() == []
     finally:
         await spool.close()
