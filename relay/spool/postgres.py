@@ -18,6 +18,7 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -230,10 +231,20 @@ class PostgresSpool(PostgresConsoleQueries):
         await self._db.run(delay, durable=False)
 
     async def record(self, result: CopyResult) -> Progress:
-        fence = self._fences.pop(result.copy_id, None)
+        fence = self._fences.get(result.copy_id)
         counted = result.copy_id in self._counted
-        self._counted.discard(result.copy_id)
-        return await self._results.record(result, fence, counted)
+        # Kept while the database is away: the retirer records the same result again.
+        try:
+            progress = await self._results.record(result, fence, counted)
+        except asyncio.CancelledError:
+            self._forget_claim(result.copy_id)
+            raise
+        self._forget_claim(result.copy_id)
+        return progress
+
+    def _forget_claim(self, copy_id: int) -> None:
+        self._fences.pop(copy_id, None)
+        self._counted.discard(copy_id)
 
     async def take_sends(
         self, now: float, copies: Sequence[SpooledCopy], per_minute: int | None, per_day: int | None
@@ -366,7 +377,8 @@ async def _failures(connection: Connection, message_id: str) -> tuple[Failure, .
 async def _summaries(connection: Connection, message_id: str | None) -> list[MessageSummary]:
     rows = await connection.fetch(
         "SELECT id, mail_from, upstream, is_bounce, received_at, length(body) AS size FROM messages"
-        " WHERE $1::text IS NULL OR id = $1 ORDER BY received_at, id",
+        # Not the delivered ones that the next statement deletes (postgres_results.py): they are gone.
+        " WHERE ($1::text IS NULL OR id = $1) AND (copies_left > 0 OR failed) ORDER BY received_at, id",
         message_id,
     )
     summaries = []

@@ -131,14 +131,19 @@ class ResultRecorder:
                     )
                 elif purge:
                     await self._db.statements(functools.partial(_delete_delivered, purge=purge))
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                self._purge.extend(purge)
+                for pending in batch:
+                    pending.outcome.cancel()
+                raise
+            except Exception as exc:
                 # Left for a later statement; found settled by retire_settled() if this relay stops first.
                 self._purge.extend(purge)
                 for pending in batch:
                     if not pending.outcome.done():
                         pending.outcome.set_exception(exc)
-                if not isinstance(exc, Exception) or not batch:
-                    # Cancelled, or only purges left while the database is away: the next result tries again.
+                if not batch:
+                    # Only deletions left while the database is away: the next result tries again.
                     return
                 continue
             if batch:

@@ -4,6 +4,7 @@ one bounce per message, and a 451 while the database is unreachable."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import asyncpg
 import pytest
@@ -196,3 +197,86 @@ async def test_relays_sharing_the_spool_take_sends_within_one_rate_limit(two_rel
     # A result of a copy whose send was counted at the start does not count it again.
     await first.record(CopyResult(mine[0].id, delivered=mine[0].recipients, sent_at=1001.0))
     assert len(await first.recent_sends(0)) == 5
+
+
+async def test_results_arriving_together_are_recorded_in_few_statements_each_as_if_alone(
+    postgres_database: str,
+) -> None:
+    """A late result (lease taken over), a retry, a failure and deliveries of one message and of others, all
+    recorded at once: each stands or not as it would alone, and each message is settled once."""
+    first, second = PostgresSpool(postgres_database, PASSWORD), PostgresSpool(postgres_database, PASSWORD)
+    await first.open()
+    await second.open()
+    statements = 0
+    real = first._db.statements
+
+    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal statements
+        statements += 1
+        return await real(*args, **kwargs)
+
+    try:
+        await first.store(message("LATE", ["late@x.test"]))
+        (late,) = await first.claim_due(1000.0, 10, lease=60)
+        (taken,) = await second.claim_due(1060.0, 10, lease=60)
+        await first.store(message("MIXED", ["a@x.test", "b@x.test", "c@x.test"]))
+        for number in range(20):
+            await first.store(message(f"M{number}", [f"r{number}@x.test"]))
+        copies = await first.claim_due(1100.0, 100, lease=60)
+        mixed = [c for c in copies if c.message_id == "MIXED"]
+        others = [c for c in copies if c.message_id != "MIXED"]
+        gone = Reply(550, "5.1.1", "gone")
+        results = [
+            CopyResult(late.id, delivered=late.recipients, sent_at=1101.0),
+            CopyResult(mixed[0].id, delivered=mixed[0].recipients, sent_at=1101.0),
+            CopyResult(mixed[1].id, failed=((mixed[1].recipients[0], gone),), sent_at=1101.0),
+            CopyResult(mixed[2].id, delivered=mixed[2].recipients, sent_at=1101.0),
+            *(CopyResult(c.id, delivered=c.recipients, sent_at=1101.0) for c in others),
+        ]
+        first._db.statements = counted  # type: ignore[method-assign]
+        progress = await asyncio.gather(*(first.record(result) for result in results))
+        first._db.statements = real  # type: ignore[method-assign]
+        assert statements < len(results) / 2, "results waiting together share a statement"
+        assert progress[0] is Progress.SENDING, "the late result is not recorded over the new owner's"
+        assert sorted(p.value for p in progress[1:4]) == ["sending", "sending", "settled"]
+        assert progress[4:] == [Progress.DELIVERED] * 20
+        # (Delivered messages not deleted yet are settled too, with nothing to bounce.)
+        (settled,) = [m for m in await first.settled() if m.failures]
+        assert settled.id == "MIXED" and [f.recipient for f in settled.failures] == [mixed[1].recipients[0]]
+        assert await second.record(CopyResult(taken.id, delivered=taken.recipients, sent_at=1102.0)) is (
+            Progress.DELIVERED
+        )
+        await first.close()  # each deletes the delivered messages still waiting for a statement
+        await second.close()
+        await first.open()
+        assert [m.id for m in await first.summaries()] == ["MIXED"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_results_while_the_database_is_down_fail_each_and_go_in_once_it_is_back(make_postgres_cluster) -> None:
+    cluster: PrivateCluster = make_postgres_cluster()
+    spool = PostgresSpool(cluster.url, PASSWORD)
+    await spool.open()
+    try:
+        for number in range(5):
+            await spool.store(message(f"M{number}", [f"r{number}@x.test"]))
+        copies = await spool.claim_due(1000.0, 10, lease=60)
+        await asyncio.to_thread(cluster.stop)
+        results = [CopyResult(c.id, delivered=c.recipients, sent_at=1001.0) for c in copies]
+        outcomes = await asyncio.gather(*(spool.record(r) for r in results), return_exceptions=True)
+        assert all(isinstance(o, SpoolWriteError) and o.code == 451 for o in outcomes)
+        await asyncio.to_thread(cluster.start)
+        for result in results:  # as the retirer does: the same result again, until it is stored
+            for _ in range(50):
+                try:
+                    await spool.record(dataclasses.replace(result))
+                    break
+                except SpoolWriteError:
+                    await asyncio.sleep(0.1)
+        await spool.close()
+        await spool.open()
+        assert await spool.summaries() == []
+    finally:
+        await spool.close()
