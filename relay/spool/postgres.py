@@ -4,8 +4,9 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
 - A relay sending a copy holds a lease on it: its owner name, a fencing counter raised at every claim,
   and next_attempt as the lease's end. Claims take due rows with FOR UPDATE SKIP LOCKED, so two relays
   never claim one copy; a relay whose lease ran out and was taken over cannot record its late result over
-  the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end;
-  nobody unlocks anything by hand.
+  the new owner's (the counter no longer matches). A dead relay's copies go again once their leases end,
+  or at once when a relay starts on the same machine (relay/spool/leases.py); nobody unlocks anything
+  by hand.
 - New mail is announced with NOTIFY, so idle relays start at once; they also poll, as a backstop.
 - A message is acknowledged (250) only once it is committed (relay/spool/postgres_database.py says
   how durably). A message, its copies and its history are one statement; the results of attempts are
@@ -19,9 +20,6 @@ The same tables as the SQLite spool: one body per message, one row per copy. Wha
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
@@ -42,6 +40,7 @@ from relay.spool.interface import (
     SettledMessage,
     SpooledCopy,
 )
+from relay.spool.leases import host_of, is_gone, new_owner
 from relay.spool.postgres_database import NEW_MAIL_CHANNEL, Connection, Database
 from relay.spool.postgres_history import (
     STORE_HISTORY,
@@ -95,7 +94,7 @@ class PostgresSpool(PostgresConsoleQueries):
     def __init__(self, url: str, password: str | None = None) -> None:
         self._db = Database(url, password)
         # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
-        self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        self.owner = new_owner()
         # The fencing counter of each copy this process holds, as its claim set it.
         self._fences: dict[int, int] = {}
         # Copies whose send take_sends() counted already: their result does not count it again.
@@ -168,9 +167,26 @@ class PostgresSpool(PostgresConsoleQueries):
         return ids
 
     async def recover(self) -> int:
-        """Nothing to do: a restarted relay is a new owner, and the copies the old one held go again once
-        their leases run out (spool.lease), taken by whichever relay is first."""
-        return 0
+        """Copies held by relay processes of this machine that no longer run go again now (leases.py);
+        a relay elsewhere that died leaves its copies until their leases end (spool.lease)."""
+
+        async def release(connection: Connection) -> int:
+            holders = await connection.fetch(
+                "SELECT DISTINCT lease_owner FROM copies WHERE split_part(lease_owner, '/', 1) = $1",
+                host_of(self.owner),
+            )
+            gone = [row["lease_owner"] for row in holders if is_gone(row["lease_owner"], self.owner)]
+            if not gone:
+                return 0
+            status = await connection.execute(
+                "UPDATE copies SET state = $1, next_attempt = 0, lease_owner = NULL"
+                " WHERE lease_owner = ANY($2::text[])",
+                CopyState.QUEUED,
+                gone,
+            )
+            return int(status.rsplit(" ", 1)[1])
+
+        return await self._db.run(release)
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[SpooledCopy]:
         async def claim(connection: Connection) -> list[asyncpg.Record]:

@@ -239,3 +239,32 @@ def test_a_send_cut_short_by_a_stop_goes_from_the_other_relay_without_waiting_fo
         stopping.stop()
         hanging.stop()
         answering.stop()
+
+
+def test_a_relay_killed_and_started_again_on_its_machine_sends_what_it_had_in_flight_at_once(
+    loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
+) -> None:
+    hanging = UpstreamOnPort(loops, RecordingHandler(data_delay=30), free_port())
+    hanging.start()
+    answering = UpstreamOnPort(loops, RecordingHandler(), free_port())
+    answering.start()
+    # A lease far longer than the test: only the new run's recovery can make the copy due again.
+    spool = {**shared_spool(postgres_database, spool_password_file), "RELAY_SPOOL_LEASE": "600"}
+    doomed = RelayProcess(
+        relay_dir(tmp_path, "doomed"), upstream_settings(hanging.port, RELAY_DELIVERY_MODE="queue", **spool)
+    )
+    try:
+        accepted = send_to(doomed.port, 1, "crash", recipients_each=1)
+        assert wait_until(lambda: in_flight_of(postgres_database, doomed.process.pid) == 1)
+        doomed.kill()
+        again = RelayProcess(
+            relay_dir(tmp_path, "again"), upstream_settings(answering.port, RELAY_DELIVERY_MODE="queue", **spool)
+        )
+        try:
+            assert wait_until(lambda: copy_keys(answering.handler.messages) == accepted, limit=30)
+        finally:
+            again.stop()
+    finally:
+        doomed.stop()
+        hanging.stop()
+        answering.stop()
