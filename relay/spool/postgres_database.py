@@ -151,7 +151,7 @@ def _unavailable(exc: BaseException) -> SpoolWriteError:
 
 
 class Database:
-    """The spool's database: open() connects, creates or migrates the schema, and starts listening."""
+    """The spool's database: open() connects, creates or migrates the schema, and starts listening if asked to."""
 
     def __init__(self, url: str, password: str | None) -> None:
         self.url = url
@@ -178,7 +178,12 @@ class Database:
                 "spool.synchronous_commit_off",
                 hint="a database crash can lose mail the relay acknowledged; set synchronous_commit = on",
             )
-        self._listening = asyncio.get_running_loop().create_task(self._listen())
+        if self._wake is not None:
+            self._start_listening()
+
+    def _start_listening(self) -> None:
+        if self._listening is None:
+            self._listening = asyncio.get_running_loop().create_task(self._listen())
 
     async def _create_pool(self, settings: dict[str, str]) -> asyncpg.Pool[asyncpg.Record]:
         return await asyncpg.create_pool(
@@ -209,8 +214,11 @@ class Database:
                 self.log.info("spool.migrated", version=number)
 
     def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
-        """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
+        """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop.
+        Only a spool that delivers listens: the console's and the queue command's hold no connection for it."""
         self._wake = wake
+        if self._durable is not None:
+            self._start_listening()
 
     async def _listen(self) -> None:
         """Hold a connection that LISTENs, and open it again whenever it is lost (the database restarted)."""

@@ -280,3 +280,34 @@ async def test_results_while_the_database_is_down_fail_each_and_go_in_once_it_is
         assert await spool.summaries() == []
     finally:
         await spool.close()
+
+
+async def test_only_a_spool_that_delivers_holds_a_connection_listening_for_new_mail(postgres_database: str) -> None:
+    async def listening() -> int:
+        connection = await asyncpg.connect(postgres_database, password=PASSWORD)
+        try:
+            found: int = await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+            )
+            return found
+        finally:
+            await connection.close()
+
+    console = PostgresSpool(postgres_database, PASSWORD)  # as the console or `queue list` opens it
+    await console.open()
+    delivering = PostgresSpool(postgres_database, PASSWORD)
+    woken = asyncio.Event()
+    delivering.wake_on_new_mail(woken.set)
+    await delivering.open()
+    try:
+        for _ in range(100):
+            if await listening() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await listening() == 1
+        woken.clear()
+        await console.store(message("M1", ["a@x.test"]))
+        await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        await console.close()
+        await delivering.close()
