@@ -176,6 +176,10 @@ class ResultRecorder:
             self._arrived.set()
             with contextlib.suppress(Exception):
                 await self._recording
+        if self._purge:  # left by a statement that failed; else the next start's retire_settled() finds them
+            purge, self._purge = self._purge, []
+            with contextlib.suppress(Exception):
+                await self._db.statements(functools.partial(_delete_delivered, purge=purge))
 
 
 async def _delete_delivered(connection: Connection, purge: list[str]) -> None:
