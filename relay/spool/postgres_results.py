@@ -7,8 +7,8 @@ The statement only touches a copy while this relay's lease on it stands (owner a
 a late result, after the lease ran out and another relay took the copy, is not recorded. It keeps the
 failures, counts the sends for upstream.rate_limit, counts each message's copies down (once per
 message, however many of its copies are in the batch), keeps the history and the totals for /metrics.
-A message whose copies are all delivered is deleted by the next statement (or at once, when none
-follows): its recipient list goes within a round trip.
+A message whose copies are all delivered is deleted by the next statement, or by one of its own
+after PURGE_DELAY when none follows: its recipient list goes within a second.
 """
 
 from __future__ import annotations
