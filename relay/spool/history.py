@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from relay.core.activity import MessageRecord
 from relay.core.replies import Reply
@@ -60,12 +60,32 @@ def _reply_columns(reply: Reply | None) -> tuple[int | None, str | None, str | N
     return (None, None, None) if reply is None else (reply.code, reply.enhanced, reply.text)
 
 
+def count_waiting(groups: Iterable[Iterable[Any]]) -> dict[str, int]:
+    """/metrics' queue by state, from the copies counted by (spool state, attempted yet) (both spools)."""
+    waiting = {str(state): 0 for state in (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING)}
+    for state, tried, count in groups:
+        shown = (
+            HistoryState.SENDING
+            if state == CopyState.SENDING
+            else HistoryState.DEFERRED
+            if tried
+            else HistoryState.QUEUED
+        )
+        waiting[str(shown)] += count
+    return waiting
+
+
+def shown_after(result: CopyResult) -> tuple[HistoryState, Reply | None]:
+    """A copy's state in the history after this attempt, and the reply shown with it (both spools)."""
+    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
+    return state, result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
+
+
 def count_attempt(
     db: sqlite3.Connection, result: CopyResult, message_id: str, position: int, received_at: float, upstream: str | None
 ) -> None:
     """The copy's state in the history and the totals for /metrics, in the transaction that stores the result."""
-    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
-    shown = result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
+    state, shown = shown_after(result)
     db.execute(
         "UPDATE history_copies SET state = ?, attempts = attempts + ?, last_code = ?, last_enhanced = ?,"
         " last_text = ?, next_attempt = ? WHERE message_id = ? AND position = ?",
@@ -234,13 +254,9 @@ class ConsoleQueries:
     async def metrics(self: _Transactions) -> SpoolMetrics:
         def read(db: sqlite3.Connection) -> SpoolMetrics:
             counters = {(name, label): float(value) for name, label, value in db.execute("SELECT * FROM counters")}
-            waiting = (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING)
-            queue_copies = {str(state): 0 for state in waiting}
-            for state, tried, count in db.execute(
-                "SELECT state, attempts > 0, COUNT(*) FROM copies GROUP BY state, attempts > 0"
-            ):
-                shown = HistoryState.SENDING if state == CopyState.SENDING else waiting[1] if tried else waiting[0]
-                queue_copies[str(shown)] += count
+            queue_copies = count_waiting(
+                db.execute("SELECT state, attempts > 0, COUNT(*) FROM copies GROUP BY state, attempts > 0")
+            )
             (oldest,) = db.execute(
                 "SELECT MIN(received_at) FROM messages m"
                 " WHERE EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"

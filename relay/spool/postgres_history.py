@@ -19,10 +19,9 @@ import asyncpg
 from relay.core.activity import MessageRecord
 from relay.core.replies import Reply
 from relay.core.rewrite import OutgoingCopy
-from relay.spool.history import SELECT_HELD, SELECT_HISTORY
+from relay.spool.history import SELECT_HELD, SELECT_HISTORY, count_waiting
 from relay.spool.interface import (
     CopyHistory,
-    CopyState,
     HeldMessage,
     HeldState,
     HistoryState,
@@ -31,6 +30,7 @@ from relay.spool.interface import (
     SpoolMetrics,
 )
 from relay.spool.postgres_database import Connection
+from relay.spool.rows import state_at_start
 
 _T = TypeVar("_T")
 # Totals that a later value replaces instead of adding to.
@@ -40,7 +40,7 @@ GAUGES = ("upstream_up", "upstream_last_delivery", "health_checked_at")
 # rows up, and takes a gauge's latest.
 COUNTER_UPSERT = (
     " ON CONFLICT (name, label, shard) DO UPDATE SET value = CASE"
-    " WHEN excluded.name IN ('upstream_up', 'upstream_last_delivery', 'health_checked_at') THEN excluded.value"
+    f" WHEN excluded.name IN ({', '.join(repr(name) for name in GAUGES)}) THEN excluded.value"
     " ELSE counters.value + excluded.value END, at = excluded.at"
 )
 # The history of a message stored with its copies, in the statement that stores it (PostgresSpool._insert):
@@ -115,7 +115,7 @@ def history_parameters(record: MessageRecord, copies: Sequence[OutgoingCopy], cl
         list(record.recipients),
         record.decision,
         record.reason,
-        [HistoryState.SENDING if position < claimed else HistoryState.QUEUED for position in range(len(copies))],
+        [state_at_start(position, claimed) for position in range(len(copies))],
     )
 
 
@@ -280,20 +280,11 @@ class PostgresConsoleQueries:
                 (row["name"], row["label"]): float(row["value"])
                 for row in await connection.fetch(_READ_COUNTERS, list(GAUGES))
             }
-            queue_copies = {
-                str(state): 0 for state in (HistoryState.QUEUED, HistoryState.DEFERRED, HistoryState.SENDING)
-            }
-            for row in await connection.fetch(
-                "SELECT state, attempts > 0 AS tried, count(*) AS count FROM copies GROUP BY state, attempts > 0"
-            ):
-                shown = (
-                    HistoryState.SENDING
-                    if row["state"] == CopyState.SENDING
-                    else HistoryState.DEFERRED
-                    if row["tried"]
-                    else HistoryState.QUEUED
+            queue_copies = count_waiting(
+                await connection.fetch(
+                    "SELECT state, attempts > 0 AS tried, count(*) AS count FROM copies GROUP BY state, attempts > 0"
                 )
-                queue_copies[str(shown)] += row["count"]
+            )
             oldest = await connection.fetchval(
                 "SELECT min(received_at) FROM messages m"
                 " WHERE EXISTS (SELECT 1 FROM copies c WHERE c.message_id = m.id)"

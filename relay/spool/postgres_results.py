@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from relay.core.replies import Reply
-from relay.spool.interface import DELIVERY_SECONDS_BUCKETS, CopyResult, CopyState, HistoryState, Progress
+from relay.spool.history import shown_after
+from relay.spool.interface import DELIVERY_SECONDS_BUCKETS, CopyResult, CopyState, Progress
 from relay.spool.postgres_database import Connection, Database
 from relay.spool.postgres_history import COUNTER_UPSERT, GAUGES
 
@@ -190,7 +191,7 @@ async def _record(
     connection: Connection, owner: str, batch: Sequence[_Pending], purge: list[str]
 ) -> list[tuple[int, str, int, bool]]:
     results = [pending.result for pending in batch]
-    shown = [_shown(result) for result in results]
+    shown = [shown_after(result) for result in results]
     failures = [(result.copy_id, recipient, reply) for result in results for recipient, reply in result.failed]
     rows = await connection.fetch(
         _RESULTS,
@@ -222,12 +223,6 @@ async def _record(
         list(GAUGES),
     )
     return [(row["id"], row["message_id"], row["copies_left"], row["failed"]) for row in rows]
-
-
-def _shown(result: CopyResult) -> tuple[HistoryState, Reply | None]:
-    """The copy's state in the history and the reply shown with it."""
-    state = HistoryState.DEFERRED if result.retry else HistoryState.BOUNCED if result.failed else HistoryState.DELIVERED
-    return state, result.failed[0][1] if state is HistoryState.BOUNCED else result.last_reply
 
 
 def _reply_columns(replies: Sequence[Reply | None]) -> tuple[list[int | None], list[str | None], list[str | None]]:
