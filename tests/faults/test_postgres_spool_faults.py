@@ -10,6 +10,7 @@ import asyncio
 import smtplib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -210,61 +211,59 @@ def test_two_relays_keep_one_rate_limit_between_them(
     assert delivered_within_the_minute == 5
 
 
-def test_a_send_cut_short_by_a_stop_goes_from_the_other_relay_without_waiting_for_its_lease(
-    loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
+def _copy_in_flight_ends_then_goes_from_the_next_relay(
+    loops: LoopThread,
+    tmp_path: Path,
+    postgres_database: str,
+    spool_password_file: Path,
+    end: Callable[[RelayProcess], None],
+    **first_settings: str,
 ) -> None:
-    # Its DATA reply takes longer than the relay waits while it stops.
+    """One copy in flight on a relay whose upstream never answers DATA, end(relay), then a relay started after
+    it (its upstream answers) sends the copy within seconds, with a lease far longer than the test."""
     hanging = UpstreamOnPort(loops, RecordingHandler(data_delay=30), free_port())
     hanging.start()
     answering = UpstreamOnPort(loops, RecordingHandler(), free_port())
     answering.start()
-    # A lease far longer than the test: only the stopping relay's release can make the copy due again.
     spool = {**shared_spool(postgres_database, spool_password_file), "RELAY_SPOOL_LEASE": "600"}
-    stopping = RelayProcess(
-        relay_dir(tmp_path, "stopping"),
-        upstream_settings(hanging.port, RELAY_DELIVERY_MODE="queue", RELAY_DELIVERY_STOP_TIMEOUT="1", **spool),
+    first = RelayProcess(
+        relay_dir(tmp_path, "first"),
+        upstream_settings(hanging.port, RELAY_DELIVERY_MODE="queue", **first_settings, **spool),
     )
     try:
-        accepted = send_to(stopping.port, 1, "cut", recipients_each=1)
-        assert wait_until(lambda: in_flight_of(postgres_database, stopping.process.pid) == 1)
-        assert stopping.terminate() == 0
-        other = RelayProcess(
-            relay_dir(tmp_path, "other"), upstream_settings(answering.port, RELAY_DELIVERY_MODE="queue", **spool)
+        accepted = send_to(first.port, 1, "in-flight", recipients_each=1)
+        assert wait_until(lambda: in_flight_of(postgres_database, first.process.pid) == 1)
+        end(first)
+        second = RelayProcess(
+            relay_dir(tmp_path, "second"), upstream_settings(answering.port, RELAY_DELIVERY_MODE="queue", **spool)
         )
         try:
             assert wait_until(lambda: copy_keys(answering.handler.messages) == accepted, limit=30)
         finally:
-            other.stop()
+            second.stop()
     finally:
-        stopping.stop()
+        first.stop()
         hanging.stop()
         answering.stop()
+
+
+def test_a_send_cut_short_by_a_stop_goes_from_the_other_relay_without_waiting_for_its_lease(
+    loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
+) -> None:
+    def stop(relay: RelayProcess) -> None:
+        # The stopping relay's release, not its lease's end, makes the copy due again.
+        assert relay.terminate() == 0
+
+    # Its DATA reply takes longer than the relay waits while it stops.
+    _copy_in_flight_ends_then_goes_from_the_next_relay(
+        loops, tmp_path, postgres_database, spool_password_file, stop, RELAY_DELIVERY_STOP_TIMEOUT="1"
+    )
 
 
 def test_a_relay_killed_and_started_again_on_its_machine_sends_what_it_had_in_flight_at_once(
     loops: LoopThread, tmp_path: Path, postgres_database: str, spool_password_file: Path
 ) -> None:
-    hanging = UpstreamOnPort(loops, RecordingHandler(data_delay=30), free_port())
-    hanging.start()
-    answering = UpstreamOnPort(loops, RecordingHandler(), free_port())
-    answering.start()
-    # A lease far longer than the test: only the new run's recovery can make the copy due again.
-    spool = {**shared_spool(postgres_database, spool_password_file), "RELAY_SPOOL_LEASE": "600"}
-    doomed = RelayProcess(
-        relay_dir(tmp_path, "doomed"), upstream_settings(hanging.port, RELAY_DELIVERY_MODE="queue", **spool)
+    # SIGKILL: no release; only the next relay's recovery on this machine makes the copy due again.
+    _copy_in_flight_ends_then_goes_from_the_next_relay(
+        loops, tmp_path, postgres_database, spool_password_file, RelayProcess.kill
     )
-    try:
-        accepted = send_to(doomed.port, 1, "crash", recipients_each=1)
-        assert wait_until(lambda: in_flight_of(postgres_database, doomed.process.pid) == 1)
-        doomed.kill()
-        again = RelayProcess(
-            relay_dir(tmp_path, "again"), upstream_settings(answering.port, RELAY_DELIVERY_MODE="queue", **spool)
-        )
-        try:
-            assert wait_until(lambda: copy_keys(answering.handler.messages) == accepted, limit=30)
-        finally:
-            again.stop()
-    finally:
-        doomed.stop()
-        hanging.stop()
-        answering.stop()
