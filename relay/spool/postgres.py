@@ -93,7 +93,8 @@ class PostgresSpool(PostgresConsoleQueries):
 
     def __init__(self, url: str, password: str | None = None) -> None:
         self._db = Database(url, password)
-        # This process's name in lease_owner: a restarted relay is a new owner and lets old leases run out.
+        # This process's name in lease_owner: a restarted relay is a new owner (leases.py says when it may
+        # take over the old one's copies before their leases end).
         self.owner = new_owner()
         # The fencing counter of each copy this process holds, as its claim set it.
         self._fences: dict[int, int] = {}
@@ -110,8 +111,6 @@ class PostgresSpool(PostgresConsoleQueries):
     async def open(self) -> None:
         """Connect, migrate, listen; raises SpoolWriteError when the database cannot be reached or used."""
         await self._db.open()
-        # Totals left by the connections of relays that have stopped since.
-        await self._db.statements(fold_counters, durable=False)
 
     def wake_on_new_mail(self, wake: Callable[[], None]) -> None:
         """Call wake whenever any relay stores mail that is due (a NOTIFY); polling stays the backstop."""
@@ -168,9 +167,11 @@ class PostgresSpool(PostgresConsoleQueries):
 
     async def recover(self) -> int:
         """Copies held by relay processes of this machine that no longer run go again now (leases.py);
-        a relay elsewhere that died leaves its copies until their leases end (spool.lease)."""
+        a relay elsewhere that died leaves its copies until their leases end (spool.lease). Once per
+        relay's start, as the totals its stopped predecessors' connections left are folded."""
 
         async def release(connection: Connection) -> int:
+            await fold_counters(connection)
             holders = await connection.fetch(
                 "SELECT DISTINCT lease_owner FROM copies WHERE split_part(lease_owner, '/', 1) = $1",
                 host_of(self.owner),
