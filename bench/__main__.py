@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (60.0 if args.smoke else 600.0)
     use_smtp_sink = args.tools == "auto" and smtp_sink_available()
     use_smtp_source = args.tools == "auto" and smtp_source_available()
-    with_postfix = (
-        not args.no_postfix and "postfix" in args.targets.split(",") and postfix_available() and os.geteuid() == 0
-    )
+    rows = set(args.targets.split(","))
+    with_postfix = not args.no_postfix and "postfix" in rows and postfix_available() and os.geteuid() == 0
     workers = args.workers if args.workers is not None and supports_workers() else None
     spool = spool_mode()
     settings = dict(item.split("=", 1) for item in args.relay_setting)
@@ -107,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     def start_sink_itself(root: Path, sink: Sink) -> Target:
         return SinkItself(sink)
 
-    rows = set(args.targets.split(","))
     kinds = [TargetKind("sink", start_sink_itself, lambda workload: workload.messages)] if "sink" in rows else []
     if "direct" in rows:
         kinds.append(relay_kind("direct", RELAY_DIRECT))
